@@ -1,0 +1,1 @@
+"""An embedded karton stack, a restart loop and a leaking karton consumer."""

@@ -1,0 +1,155 @@
+"""What happens when a rule trips: the decision, the before-exit callbacks and the exit itself."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .memory import to_mib
+from .rules import Snapshot, Trip
+
+
+class RestartBehavior(enum.Enum):
+    """What memwatch does once a rule has tripped and the task has finished.
+
+    ``EXIT_0`` and ``EXIT_1`` keep karton-memory-watcher's names and values.
+    """
+
+    #: Exit with status 0: systemd ``Restart=always``, docker ``always`` or ``unless-stopped``.
+    EXIT_0 = 1
+    #: Exit with status 1: systemd ``Restart=on-failure``, docker ``on-failure``.
+    EXIT_1 = 2
+    #: Only log the decision and keep running, to tune limits on a live worker.
+    DRY_RUN = 3
+
+    @property
+    def exit_code(self) -> int | None:
+        """Return the process exit status, or ``None`` for a behaviour that does not exit."""
+        return _EXIT_CODES.get(self)
+
+
+_EXIT_CODES = {RestartBehavior.EXIT_0: 0, RestartBehavior.EXIT_1: 1}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The rules that tripped after one guarded call, and the state they read."""
+
+    trips: tuple[Trip, ...]
+    snapshot: Snapshot
+    #: Whether the call that tripped the rule raised an exception of its own.
+    task_raised: bool = False
+
+    @property
+    def rule(self) -> str:
+        """Return the name of the first rule that tripped, the one that decides."""
+        return self.trips[0].rule
+
+    def describe(self) -> str:
+        """Return the log line's text: every rule that tripped with the numbers behind it."""
+        first, *others = self.trips
+        text = f"restart rule {first.rule} tripped after task {self.snapshot.tasks}"
+        if self.task_raised:
+            text += " (the task raised)"
+        text += f": {first.describe()}"
+        if others:
+            text += "; also " + ", ".join(trip.describe() for trip in others)
+        return f"{text} ({describe_state(self.snapshot)})"
+
+
+def describe_state(snapshot: Snapshot) -> str:
+    """Return baseline, current RSS, tasks and uptime as one phrase for log lines."""
+    parts = []
+    if snapshot.baseline is not None:
+        parts.append(f"baseline {to_mib(snapshot.baseline):.1f} MiB")
+    if snapshot.rss is not None:
+        parts.append(f"current {to_mib(snapshot.rss):.1f} MiB")
+    parts.append(f"tasks {snapshot.tasks}")
+    parts.append(f"uptime {snapshot.uptime:.1f} s")
+    return ", ".join(parts)
+
+
+#: A custom behaviour: any callable that takes the :class:`Decision`.
+BehaviorCallable = Callable[[Decision], object]
+Behavior = RestartBehavior | BehaviorCallable
+
+
+def check_behavior(behavior: object, name: str = "behavior") -> Behavior:
+    """Validate a behaviour argument and return it."""
+    if isinstance(behavior, RestartBehavior) or (
+        callable(behavior) and not isinstance(behavior, type)
+    ):
+        return behavior
+    choices = ", ".join(f"RestartBehavior.{member.name}" for member in RestartBehavior)
+    raise TypeError(
+        f"{name} must be one of {choices} or a callable that takes the decision, got {behavior!r}"
+    )
+
+
+def check_callbacks(
+    callbacks: object, name: str = "before_exit"
+) -> tuple[Callable[[], object], ...]:
+    """Validate before-exit callbacks: one callable or an iterable of callables."""
+    if callable(callbacks):
+        return (callbacks,)
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"{name} must be a callable or a sequence of callables, got {callbacks!r}")
+    checked = tuple(callbacks)
+    for index, callback in enumerate(checked):
+        if not callable(callback):
+            raise TypeError(
+                f"{name}[{index}] must be a callable taking no arguments, got {callback!r}"
+            )
+    return checked
+
+
+def callback_name(callback: object) -> str:
+    """Return a readable name of a callable for log lines."""
+    name = getattr(callback, "__qualname__", None) or getattr(callback, "__name__", None)
+    return str(name) if name else repr(callback)
+
+
+def run_before_exit(callbacks: Sequence[Callable[[], object]], logger: logging.Logger) -> None:
+    """Run the before-exit callbacks in order; one that raises is logged and the rest still run."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception(
+                "memwatch: before-exit callback %s raised; the exit goes on",
+                callback_name(callback),
+            )
+
+
+def exit_process(code: int, logger: logging.Logger) -> NoReturn:
+    """End the whole process with ``code``.
+
+    In the main thread this raises :class:`SystemExit`, so ``finally`` blocks,
+    karton's task bookkeeping and ``atexit`` handlers run. In any other thread
+    ``SystemExit`` would end only that thread, so the logs are flushed and the
+    process ends with :func:`os._exit`.
+    """
+    if threading.current_thread() is threading.main_thread():
+        raise SystemExit(code)
+    logger.info(
+        "memwatch: ending the process from thread %s with os._exit(%d)",
+        threading.current_thread().name,
+        code,
+    )
+    hard_exit(code)
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Flush the logs and standard streams, then end the process at once with ``code``."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)

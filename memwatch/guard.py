@@ -1,0 +1,236 @@
+"""The guard: checks the rules after each guarded call and carries out the decision.
+
+The exit is never carried out in the middle of a task, and never raised over an
+exception that a task is propagating:
+
+* in a sync karton consumer, the exit waits for karton's loop to ask whether to
+  shut down, which it does only after it recorded the task's final state
+  (see :mod:`memwatch.karton`);
+* elsewhere, the exit happens when the next guarded call starts, before its body
+  runs, once no other guarded call is in flight. The caller has by then received
+  the result or the exception of the call that tripped the rule and done what it
+  does with it (stored it, acknowledged a message). Calls that start meanwhile in
+  other threads or coroutines wait and never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from . import karton
+from .behavior import (
+    Behavior,
+    Decision,
+    RestartBehavior,
+    callback_name,
+    exit_process,
+    hard_exit,
+    run_before_exit,
+)
+from .memory import to_mib
+from .rules import Rule, Snapshot
+from .tracker import Tracker
+
+_logger = logging.getLogger("memwatch")
+
+#: How often a held coroutine looks whether the calls in flight have finished, in seconds.
+_ASYNC_POLL_SECONDS = 0.01
+
+
+class Guard:
+    """Rules, behaviour and per-process state of one guarded function."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        behavior: Behavior,
+        before_exit: Sequence[Callable[[], object]] = (),
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.rules = tuple(rules)
+        self.behavior = behavior
+        self.before_exit = tuple(before_exit)
+        self.read_memory = any(rule.needs_memory for rule in self.rules)
+        self.tracker = Tracker()
+        self._logger = logger
+        #: Set once the exit is left to a karton consumer's loop (see :mod:`memwatch.karton`).
+        self.gated = False
+
+    def logger_for(self, instance: object) -> logging.Logger:
+        """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
+        service_logger = karton.service_logger(instance)
+        if service_logger is not None:
+            return service_logger
+        return self._logger or _logger
+
+    def describe(self) -> str:
+        """Return the rules and behaviour for the start-up log line."""
+        rules = ", ".join(rule.describe() for rule in self.rules)
+        return f"rules {rules}; behavior {self._action_name()}"
+
+    def _action_name(self) -> str:
+        if isinstance(self.behavior, RestartBehavior):
+            return self.behavior.name
+        return callback_name(self.behavior)
+
+    # The call cycle.
+
+    def before_call(self, instance: object) -> None:
+        """Hold or end the process if an exit is pending, then record the call's start."""
+        tracker = self.tracker
+        if tracker.decision is not None and not self.gated:
+            self._hold(instance)
+        tracker.enter(self.read_memory)
+
+    async def before_call_async(self, instance: object) -> None:
+        """Do what :meth:`before_call` does without blocking the event loop."""
+        tracker = self.tracker
+        if tracker.decision is not None and not self.gated:
+            while tracker.in_flight > 0 and not tracker.released.is_set():
+                await asyncio.sleep(_ASYNC_POLL_SECONDS)
+            self._end_or_wait(instance, blocking=False)
+            while not tracker.released.is_set():
+                await asyncio.sleep(_ASYNC_POLL_SECONDS)
+            self._after_release()
+        tracker.enter(self.read_memory)
+
+    def after_call(self, instance: object, raised: bool) -> None:
+        """Record the call's end and check the rules; never raises."""
+        try:
+            snapshot = self.tracker.leave(self.read_memory)
+            self._check(snapshot, instance, raised)
+        except Exception:
+            # A fault in memwatch must not fail the task: log it and keep running.
+            self.logger_for(instance).exception("memwatch: checking the rules failed")
+
+    def record(self, instance: object, raised: bool) -> None:
+        """Count one call without in-flight bookkeeping, for karton-memory-watcher's hooks.
+
+        Unless the exit is left to a karton loop or the call raised, a tripped rule
+        ends the process right here, as karton-memory-watcher's post-hook did.
+        """
+        try:
+            snapshot = self.tracker.record(self.read_memory)
+            self._check(snapshot, instance, raised)
+        except Exception:
+            self.logger_for(instance).exception("memwatch: checking the rules failed")
+            return
+        if self.tracker.decision is None or self.gated or raised:
+            return
+        self._end_or_wait(instance, blocking=True)
+
+    def hold_if_pending(self, instance: object) -> None:
+        """Carry out a pending exit before a call starts, for karton-memory-watcher's pre-hook."""
+        if self.tracker.decision is not None and not self.gated:
+            self._hold(instance)
+
+    # Checking.
+
+    def _check(self, snapshot: Snapshot, instance: object, raised: bool) -> None:
+        logger = self.logger_for(instance)
+        tracker = self.tracker
+        if self.read_memory and snapshot.rss is None and not tracker.memory_failure_logged:
+            tracker.memory_failure_logged = True
+            logger.warning(
+                "memwatch: cannot read this process's memory (%s); the memory rules are "
+                "inactive, the count and time rules still apply",
+                tracker.reader.failure,
+            )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("memwatch: %s", _describe_task(snapshot))
+        if tracker.decision is not None:
+            return
+        trips = tuple(trip for rule in self.rules if (trip := rule.check(snapshot)))
+        if not trips:
+            return
+        decision = Decision(trips, snapshot, task_raised=raised)
+        if self.behavior is RestartBehavior.DRY_RUN:
+            if decision.rule not in tracker.reported:
+                tracker.reported.add(decision.rule)
+                logger.info("memwatch: %s; dry run, the process keeps running", decision.describe())
+            return
+        if not tracker.set_decision(decision):
+            return
+        self.gated = karton.install_gate(instance, self)
+        logger.info("memwatch: %s; %s", decision.describe(), self._plan())
+
+    def _plan(self) -> str:
+        if isinstance(self.behavior, RestartBehavior):
+            action = f"exiting with code {self.behavior.exit_code}"
+        else:
+            action = f"calling {callback_name(self.behavior)}"
+        if self.gated:
+            return f"{action} once karton has recorded the task's state"
+        return f"{action} when the next guarded call starts"
+
+    # Ending.
+
+    def end_from_gate(self, instance: object) -> None:
+        """Carry out the pending decision from a karton consumer's loop, between tasks."""
+        self._end_or_wait(instance, blocking=True)
+
+    def _hold(self, instance: object) -> None:
+        tracker = self.tracker
+        if not tracker.released.is_set():
+            tracker.wait_idle()
+            self._end_or_wait(instance, blocking=True)
+        self._after_release()
+
+    def _end_or_wait(self, instance: object, blocking: bool) -> None:
+        tracker = self.tracker
+        if not tracker.claim_exit():
+            if blocking:
+                tracker.released.wait()
+                self._after_release()
+            return
+        decision = tracker.decision
+        if decision is None:  # pragma: no cover - the decision is stored before any claim
+            return
+        logger = self.logger_for(instance)
+        run_before_exit(self.before_exit, logger)
+        behavior = self.behavior
+        if isinstance(behavior, RestartBehavior):
+            code = behavior.exit_code
+            if code is not None:
+                tracker.release(code)
+                exit_process(code, logger)
+        else:
+            try:
+                behavior(decision)
+            except Exception:
+                logger.exception(
+                    "memwatch: behavior %s raised; the process keeps running",
+                    callback_name(behavior),
+                )
+        tracker.release(None)
+
+    def _after_release(self) -> None:
+        code = self.tracker.release_code
+        if code is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            # A held call in a worker thread ends its thread too, so that the
+            # interpreter's shutdown does not wait for it.
+            raise SystemExit(code)
+        # The main thread raised SystemExit once and is calling again: something
+        # caught the exit, so end the process without a second chance.
+        logger = self._logger or _logger
+        logger.warning(
+            "memwatch: the exit with code %d was caught and the process went on; "
+            "ending it with os._exit(%d)",
+            code,
+            code,
+        )
+        hard_exit(code)
+
+
+def _describe_task(snapshot: Snapshot) -> str:
+    text = f"task {snapshot.tasks} done after {snapshot.uptime:.1f} s"
+    if snapshot.rss is not None:
+        text += f", rss {to_mib(snapshot.rss):.1f} MiB"
+    if snapshot.baseline is not None:
+        text += f", baseline {to_mib(snapshot.baseline):.1f} MiB"
+    return text

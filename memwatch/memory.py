@@ -1,0 +1,118 @@
+"""Reading this process's resident set size (RSS), cheaply enough to do after every task.
+
+On Linux the reader keeps ``/proc/self/statm`` open and reads it with one
+``pread`` per call, which costs a single system call and no allocation of file
+objects. Elsewhere, or when ``/proc`` cannot be read, it asks psutil.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+
+import psutil
+
+#: One MiB in bytes. memwatch's "MB" arguments are MiB, as karton-memory-watcher computed them.
+MIB = 1024 * 1024
+
+_STATM_PATH = "/proc/self/statm"
+_logger = logging.getLogger("memwatch")
+
+
+def _page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 4096
+
+
+class RssReader:
+    """Reader of this process's RSS in bytes.
+
+    ``read()`` never raises: when no source works it returns ``None`` and the
+    reason is kept in :attr:`failure`, so that count and time rules keep working.
+    """
+
+    def __init__(self) -> None:
+        self._page_size = _page_size()
+        self._fd: int | None = None
+        self._process: psutil.Process | None = None
+        self._lock = threading.Lock()
+        #: Why the last read failed, or ``None`` after a successful read.
+        self.failure: str | None = None
+        self._open()
+        _readers.add(self)
+
+    def _open(self) -> None:
+        # /proc/self resolves to this PID when opened, so a forked child must open it again.
+        self._fd = None
+        self._process = None
+        try:
+            self._fd = os.open(_STATM_PATH, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def reopen(self) -> None:
+        """Open the sources again for the current process (called in a forked child)."""
+        self._lock = threading.Lock()
+        old_fd = self._fd
+        self._open()
+        if old_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(old_fd)
+
+    def read(self) -> int | None:
+        """Return the RSS in bytes, or ``None`` when it cannot be read."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                # statm fields are in pages: size, resident, shared, text, lib, data, dt.
+                return int(os.pread(fd, 128, 0).split(None, 2)[1]) * self._page_size
+            except (OSError, ValueError, IndexError) as exc:
+                self._fd = None
+                self.failure = f"reading {_STATM_PATH} failed: {exc!r}"
+                _logger.debug("memwatch: %s, falling back to psutil", self.failure)
+        return self._read_psutil()
+
+    def _read_psutil(self) -> int | None:
+        try:
+            with self._lock:
+                if self._process is None:
+                    self._process = psutil.Process()
+                process = self._process
+            rss = int(process.memory_info().rss)
+        except (psutil.Error, OSError) as exc:
+            self.failure = f"psutil could not read the RSS: {exc!r}"
+            return None
+        self.failure = None
+        return rss
+
+
+_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
+
+
+def _reopen_after_fork() -> None:
+    for reader in list(_readers):
+        reader.reopen()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reopen_after_fork)
+
+_default_reader: RssReader | None = None
+
+
+def default_reader() -> RssReader:
+    """Return the process-wide reader, creating it on first use."""
+    global _default_reader
+    if _default_reader is None:
+        _default_reader = RssReader()
+    return _default_reader
+
+
+def to_mib(size: float) -> float:
+    """Convert bytes to MiB."""
+    return size / MIB

@@ -1,0 +1,179 @@
+"""Restart rules: pure checks of one :class:`Snapshot`, and the validation of their limits.
+
+A rule returns a :class:`Trip` that carries its numbers when its limit is reached,
+or ``None``. Rules never read memory or clocks themselves: the tracker takes the
+snapshot once per task and every rule reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .memory import MIB, to_mib
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of the guarded process right after one guarded call."""
+
+    #: Guarded calls completed in this process, returned or raised.
+    tasks: int
+    #: Seconds since the first guarded call, on the monotonic clock.
+    uptime: float
+    #: Resident set size in bytes, or ``None`` when no memory rule needs it or it could not be read.
+    rss: int | None
+    #: RSS in bytes just before the first guarded call, or ``None`` when not taken.
+    baseline: int | None
+    #: Guarded calls still running in other threads or coroutines.
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class Trip:
+    """A rule whose limit was reached, with the numbers behind it in the rule's unit."""
+
+    #: The parameter that set the rule, such as ``extra_mb`` or ``proceed_tasks``.
+    rule: str
+    current: float
+    limit: float
+    unit: str
+
+    def describe(self) -> str:
+        """Return ``rule current >= limit unit`` for the log line."""
+        return f"{self.rule} {_number(self.current)} >= {_number(self.limit)} {self.unit}"
+
+
+def _number(value: float) -> str:
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.1f}"
+
+
+def check_limit(name: str, value: object, *, integer: bool = False) -> float:
+    """Validate a rule's limit and return it.
+
+    :param name: the parameter name, used in the error message
+    :param value: what the user passed
+    :param integer: whether only whole numbers are accepted
+    :raises TypeError: for a bool, a string or anything that is not a real number
+    :raises ValueError: for zero, a negative number, NaN, infinity or a fraction where
+        a whole number is expected
+    """
+    kind = "a positive integer" if integer else "a positive finite number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if math.isnan(number) or math.isinf(number):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if number <= 0:
+        raise ValueError(f"{name} must be {kind} (greater than 0), got {value!r}")
+    if integer and not number.is_integer():
+        raise ValueError(f"{name} must be {kind} (a whole number of tasks), got {value!r}")
+    return number
+
+
+class Rule:
+    """Base of the restart rules."""
+
+    #: Whether the rule needs the RSS, so that count and time rules alone skip reading memory.
+    needs_memory: ClassVar[bool] = False
+    unit: ClassVar[str] = ""
+
+    def __init__(self, limit: object, name: str, *, integer: bool = False) -> None:
+        self.limit = check_limit(name, limit, integer=integer)
+        self.name = name
+
+    def check(self, snapshot: Snapshot) -> Trip | None:  # pragma: no cover - abstract
+        """Return a :class:`Trip` when the limit is reached, else ``None``."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Return ``name=limit unit`` for the start-up log line."""
+        return f"{self.name}={_number(self.limit)} {self.unit}".rstrip()
+
+    def _trip(self, current: float) -> Trip:
+        return Trip(self.name, current, self.limit, self.unit)
+
+
+class MaxTasks(Rule):
+    """Trips when this many guarded calls have completed."""
+
+    unit = "tasks"
+
+    def __init__(self, limit: object, name: str = "max_tasks") -> None:
+        super().__init__(limit, name, integer=True)
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        if snapshot.tasks >= self.limit:
+            return self._trip(snapshot.tasks)
+        return None
+
+
+class MaxSeconds(Rule):
+    """Trips when this many seconds have passed since the first guarded call."""
+
+    unit = "s"
+
+    def __init__(self, limit: object, name: str = "max_seconds") -> None:
+        super().__init__(limit, name)
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        if snapshot.uptime >= self.limit:
+            return self._trip(snapshot.uptime)
+        return None
+
+
+class ExtraMemory(Rule):
+    """Trips when the RSS has grown by this many MiB over the baseline."""
+
+    needs_memory = True
+    unit = "MiB"
+
+    def __init__(self, limit: object, name: str = "extra_mb") -> None:
+        super().__init__(limit, name)
+        self._limit_bytes = self.limit * MIB
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        if snapshot.rss is None or snapshot.baseline is None:
+            return None
+        growth = snapshot.rss - snapshot.baseline
+        if growth >= self._limit_bytes:
+            return self._trip(to_mib(growth))
+        return None
+
+
+class ExtraPercent(Rule):
+    """Trips when the RSS has grown by this percentage of the baseline (100 means doubled)."""
+
+    needs_memory = True
+    unit = "%"
+
+    def __init__(self, limit: object, name: str = "extra_percent") -> None:
+        super().__init__(limit, name)
+        self._factor = 1 + self.limit / 100
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        if snapshot.rss is None or not snapshot.baseline:
+            return None
+        if snapshot.rss >= snapshot.baseline * self._factor:
+            return self._trip((snapshot.rss / snapshot.baseline - 1) * 100)
+        return None
+
+
+class MaxRss(Rule):
+    """Trips when the RSS reaches this many MiB, whatever the baseline."""
+
+    needs_memory = True
+    unit = "MiB"
+
+    def __init__(self, limit: object, name: str = "max_rss_mb") -> None:
+        super().__init__(limit, name)
+        self._limit_bytes = self.limit * MIB
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        if snapshot.rss is not None and snapshot.rss >= self._limit_bytes:
+            return self._trip(to_mib(snapshot.rss))
+        return None

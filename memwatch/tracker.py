@@ -1,0 +1,146 @@
+"""Per-process state of one guard: baseline, start time, calls completed and in flight.
+
+The state belongs to the process, not to an object: a forked child starts again
+with no baseline, no calls and no pending exit, because its memory and its work
+are its own. All counters change under one lock, so threads can share a guard.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from .memory import RssReader, default_reader
+from .rules import Snapshot
+
+if TYPE_CHECKING:
+    from .behavior import Decision
+
+
+class Tracker:
+    """Counters and the pending exit of one guard in this process."""
+
+    def __init__(self, reader: RssReader | None = None) -> None:
+        self._reader = reader
+        self._reset()
+        _trackers.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        #: RSS in bytes just before the first guarded call, when a memory rule needs it.
+        self.baseline: int | None = None
+        #: ``time.monotonic()`` at the first guarded call, or ``None`` before it.
+        self.started_at: float | None = None
+        #: ``time.time()`` at the first guarded call, for logs and karton-memory-watcher's API.
+        self.started_wall: float | None = None
+        self.tasks = 0
+        self.in_flight = 0
+        #: The decision that ends this process, once a rule has tripped.
+        self.decision: Decision | None = None
+        #: Rules already logged in dry-run mode, each logged once per process.
+        self.reported: set[str] = set()
+        #: Whether the memory-read failure was logged, so that it is logged once.
+        self.memory_failure_logged = False
+        self._exit_claimed = False
+        #: Set when the exit was carried out and held calls may go on.
+        self.released = threading.Event()
+        #: The exit status held calls in other threads end with, or ``None`` to let them run.
+        self.release_code: int | None = None
+
+    @property
+    def reader(self) -> RssReader:
+        """Return the RSS reader, the process-wide one unless another was given."""
+        if self._reader is None:
+            self._reader = default_reader()
+        return self._reader
+
+    def start(self, read_memory: bool) -> None:
+        """Take the baseline and the start time, once per process."""
+        if self.started_at is not None:
+            return
+        with self._lock:
+            if self.started_at is not None:
+                return
+            if read_memory:
+                self.baseline = self.reader.read()
+            self.started_wall = time.time()
+            self.started_at = time.monotonic()
+
+    def enter(self, read_memory: bool) -> None:
+        """Record the start of a guarded call."""
+        self.start(read_memory)
+        with self._lock:
+            self.in_flight += 1
+
+    def leave(self, read_memory: bool) -> Snapshot:
+        """Record the end of a call entered with :meth:`enter` and return a snapshot."""
+        with self._lock:
+            self.in_flight = max(self.in_flight - 1, 0)
+            if self.in_flight == 0:
+                self._idle.notify_all()
+        return self.record(read_memory)
+
+    def record(self, read_memory: bool) -> Snapshot:
+        """Count one completed call without in-flight bookkeeping and return a snapshot."""
+        self.start(read_memory)
+        with self._lock:
+            self.tasks += 1
+            tasks = self.tasks
+            in_flight = self.in_flight
+        return self.snapshot(read_memory, tasks=tasks, in_flight=in_flight)
+
+    def snapshot(
+        self, read_memory: bool, *, tasks: int | None = None, in_flight: int = 0
+    ) -> Snapshot:
+        """Return the current state; the RSS is read only when ``read_memory`` is set."""
+        started_at = self.started_at
+        uptime = 0.0 if started_at is None else time.monotonic() - started_at
+        return Snapshot(
+            tasks=self.tasks if tasks is None else tasks,
+            uptime=uptime,
+            rss=self.reader.read() if read_memory else None,
+            baseline=self.baseline,
+            in_flight=in_flight,
+        )
+
+    def set_decision(self, decision: Decision) -> bool:
+        """Store the decision that ends the process; return ``False`` if one was already stored."""
+        with self._lock:
+            if self.decision is not None:
+                return False
+            self.decision = decision
+            return True
+
+    def claim_exit(self) -> bool:
+        """Return ``True`` to exactly one caller: the one that carries out the exit."""
+        with self._lock:
+            if self._exit_claimed:
+                return False
+            self._exit_claimed = True
+            return True
+
+    def release(self, code: int | None) -> None:
+        """Wake the calls held while the exit was carried out."""
+        self.release_code = code
+        self.released.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no guarded call is in flight; return ``False`` on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+
+_trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for tracker in list(_trackers):
+        tracker._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
