@@ -1,0 +1,210 @@
+"""A guarded worker that really allocates memory, run as a subprocess by the tests.
+
+Usage: ``python tests/worker.py '<json settings>'``. It prints one line per event
+on stdout, flushed at once, so the test can read how far it got before it exited:
+
+* ``baseline BYTES`` before the first call, ``call N rss BYTES`` after each call
+  that returned to its caller;
+* ``body N`` when a call's body starts, ``end N`` when it ends;
+* ``caught N ValueError`` when a call raised and the caller caught it;
+* ``before_exit NAME`` for each before-exit callback, ``decision RULE TASKS`` for
+  a custom behaviour, and ``finished`` when every call ran and nothing exited.
+
+The settings: ``rules`` (restart_when keyword arguments), ``behavior``
+(``EXIT_0``, ``EXIT_1``, ``DRY_RUN`` or ``callable``), ``calls``, ``leak_mib`` per
+call, ``sleep`` seconds per call, ``mode`` (``sync``, ``method``, ``raise``,
+``async``, ``async_concurrent``, ``threads``, ``thread``, ``fork``),
+``raise_at`` (the call that raises in ``raise`` mode), ``before_exit`` (names of
+callbacks: ``ok1``, ``ok2``, ``raising``), ``enabled`` and ``concurrency``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from memwatch import Decision, RestartBehavior, restart_when
+from memwatch.memory import default_reader
+
+SETTINGS: dict[str, Any] = json.loads(sys.argv[1])
+KEPT: list[bytearray] = []
+_print_lock = threading.Lock()
+
+
+def emit(line: str) -> None:
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def rss() -> int:
+    value = default_reader().read()
+    assert value is not None
+    return value
+
+
+def make_callback(name: str) -> Any:
+    def callback() -> None:
+        emit(f"before_exit {name}")
+        if name == "raising":
+            raise RuntimeError("callback failed on purpose")
+
+    callback.__qualname__ = f"callback_{name}"
+    return callback
+
+
+def custom_behavior(decision: Decision) -> None:
+    emit(f"decision {decision.rule} {decision.snapshot.tasks}")
+
+
+def build_decorator() -> Any:
+    name = SETTINGS.get("behavior", "EXIT_0")
+    behavior: Any = custom_behavior if name == "callable" else RestartBehavior[name]
+    return restart_when(
+        **SETTINGS["rules"],
+        behavior=behavior,
+        before_exit=[make_callback(n) for n in SETTINGS.get("before_exit", [])],
+        enabled=SETTINGS.get("enabled"),
+    )
+
+
+GUARD = build_decorator()
+LEAK_BYTES = int(SETTINGS.get("leak_mib", 0) * 1024 * 1024)
+SLEEP = float(SETTINGS.get("sleep", 0))
+
+
+def work(number: int) -> int:
+    emit(f"body {number}")
+    if LEAK_BYTES:
+        # Multiplying writes every byte, so the pages are really resident.
+        KEPT.append(bytearray(b"\x01") * LEAK_BYTES)
+    if SLEEP:
+        time.sleep(SLEEP)
+    if SETTINGS.get("mode") == "raise" and number == SETTINGS.get("raise_at"):
+        emit(f"end {number}")
+        raise ValueError(f"call {number} failed on purpose")
+    emit(f"end {number}")
+    return number
+
+
+guarded_work = GUARD(work)
+
+
+class Service:
+    @GUARD
+    def process(self, number: int) -> int:
+        return work(number)
+
+
+async def work_async(number: int) -> int:
+    emit(f"body {number}")
+    if LEAK_BYTES:
+        KEPT.append(bytearray(b"\x01") * LEAK_BYTES)
+    await asyncio.sleep(SLEEP)
+    emit(f"end {number}")
+    return number
+
+
+guarded_async = GUARD(work_async)
+
+
+def after_call(number: int) -> None:
+    emit(f"call {number} rss {rss()}")
+
+
+def run_sync(calls: int) -> None:
+    service = Service()
+    for number in range(1, calls + 1):
+        try:
+            if SETTINGS.get("mode") == "method":
+                result = service.process(number)
+            else:
+                result = guarded_work(number)
+        except ValueError:
+            emit(f"caught {number} ValueError")
+            continue
+        assert result == number
+        after_call(number)
+
+
+async def run_async(calls: int) -> None:
+    for number in range(1, calls + 1):
+        result = await guarded_async(number)
+        assert result == number
+        after_call(number)
+
+
+async def run_async_concurrent(calls: int, concurrency: int) -> None:
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(number: int) -> None:
+        async with semaphore:
+            result = await guarded_async(number)
+        assert result == number
+        after_call(number)
+
+    await asyncio.gather(*(one(number) for number in range(1, calls + 1)))
+
+
+def run_threads(calls: int, concurrency: int) -> None:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for number, result in zip(
+            range(1, calls + 1), pool.map(guarded_work, range(1, calls + 1)), strict=True
+        ):
+            assert result == number
+
+
+def run_one_thread(calls: int) -> None:
+    thread = threading.Thread(target=run_sync, args=(calls,), name="worker-thread")
+    thread.start()
+    thread.join()
+
+
+def run_fork(calls: int) -> None:
+    run_sync(calls)
+    guard = guarded_work.__memwatch_guard__
+    emit(f"parent baseline {guard.tracker.baseline} tasks {guard.tracker.tasks}")
+    pid = os.fork()
+    if pid == 0:
+        emit(f"child tasks {guard.tracker.tasks} baseline {guard.tracker.baseline}")
+        emit(f"child rss {rss()}")
+        for number in range(1, calls + 1):
+            guarded_work(number)
+        emit(f"child baseline {guard.tracker.baseline} tasks {guard.tracker.tasks}")
+        emit("child finished")
+        sys.stdout.flush()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    emit(f"child exit {os.waitstatus_to_exitcode(status)}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    emit(f"baseline {rss()}")
+    calls = int(SETTINGS.get("calls", 10))
+    concurrency = int(SETTINGS.get("concurrency", 4))
+    mode = SETTINGS.get("mode", "sync")
+    if mode == "async":
+        asyncio.run(run_async(calls))
+    elif mode == "async_concurrent":
+        asyncio.run(run_async_concurrent(calls, concurrency))
+    elif mode == "threads":
+        run_threads(calls, concurrency)
+    elif mode == "thread":
+        run_one_thread(calls)
+    elif mode == "fork":
+        run_fork(calls)
+    else:
+        run_sync(calls)
+    emit("finished")
+
+
+if __name__ == "__main__":
+    main()
