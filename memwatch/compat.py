@@ -101,7 +101,7 @@ class RestartRule:
     def attach(self, consumer: object) -> None:
         """Bind the rule to a karton consumer, so that its loop carries out the exit."""
         self._consumer = consumer
-        self._guard.gated = install_gate(consumer, self._guard)
+        install_gate(consumer, self._guard)
 
     def pre_hook_behavior(self, *args: Any, **kwargs: Any) -> None:
         """Take the baseline and the start time before the first task."""

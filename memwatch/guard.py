@@ -56,8 +56,6 @@ class Guard:
         self.read_memory = any(rule.needs_memory for rule in self.rules)
         self.tracker = Tracker()
         self._logger = logger
-        #: Set once the exit is left to a karton consumer's loop (see :mod:`memwatch.karton`).
-        self.gated = False
 
     def logger_for(self, instance: object) -> logging.Logger:
         """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
@@ -81,14 +79,14 @@ class Guard:
     def before_call(self, instance: object) -> None:
         """Hold or end the process if an exit is pending, then record the call's start."""
         tracker = self.tracker
-        if tracker.decision is not None and not self.gated:
+        if tracker.decision is not None and not karton.install_gate(instance, self):
             self._hold(instance)
         tracker.enter(self.read_memory)
 
     async def before_call_async(self, instance: object) -> None:
         """Do what :meth:`before_call` does without blocking the event loop."""
         tracker = self.tracker
-        if tracker.decision is not None and not self.gated:
+        if tracker.decision is not None and not karton.install_gate(instance, self):
             while tracker.in_flight > 0 and not tracker.released.is_set():
                 await asyncio.sleep(_ASYNC_POLL_SECONDS)
             self._end_or_wait(instance, blocking=False)
@@ -118,13 +116,13 @@ class Guard:
         except Exception:
             self.logger_for(instance).exception("memwatch: checking the rules failed")
             return
-        if self.tracker.decision is None or self.gated or raised:
+        if self.tracker.decision is None or raised or karton.install_gate(instance, self):
             return
         self._end_or_wait(instance, blocking=True)
 
     def hold_if_pending(self, instance: object) -> None:
         """Carry out a pending exit before a call starts, for karton-memory-watcher's pre-hook."""
-        if self.tracker.decision is not None and not self.gated:
+        if self.tracker.decision is not None and not karton.install_gate(instance, self):
             self._hold(instance)
 
     # Checking.
@@ -154,15 +152,15 @@ class Guard:
             return
         if not tracker.set_decision(decision):
             return
-        self.gated = karton.install_gate(instance, self)
-        logger.info("memwatch: %s; %s", decision.describe(), self._plan())
+        gated = karton.install_gate(instance, self)
+        logger.info("memwatch: %s; %s", decision.describe(), self._plan(gated))
 
-    def _plan(self) -> str:
+    def _plan(self, gated: bool) -> str:
         if isinstance(self.behavior, RestartBehavior):
             action = f"exiting with code {self.behavior.exit_code}"
         else:
             action = f"calling {callback_name(self.behavior)}"
-        if self.gated:
+        if gated:
             return f"{action} once karton has recorded the task's state"
         return f"{action} when the next guarded call starts"
 

@@ -58,15 +58,21 @@ class LoopGate:
     replaces the gate with ``True``, and its own graceful shutdown goes on as before.
     """
 
-    __slots__ = ("_guard", "_service")
+    __slots__ = ("_guards", "_service")
 
-    def __init__(self, guard: Guard, service: object) -> None:
-        self._guard = guard
+    def __init__(self, service: object) -> None:
+        self._guards: list[Guard] = []
         self._service = service
 
+    def add(self, guard: Guard) -> None:
+        """Have the loop carry out ``guard``'s decisions too."""
+        if guard not in self._guards:
+            self._guards.append(guard)
+
     def __bool__(self) -> bool:
-        if self._guard.tracker.decision is not None:
-            self._guard.end_from_gate(self._service)
+        for guard in self._guards:
+            if guard.tracker.decision is not None:
+                guard.end_from_gate(self._service)
         return False
 
     def __repr__(self) -> str:
@@ -76,17 +82,18 @@ class LoopGate:
 def install_gate(instance: object, guard: Guard) -> bool:
     """Put a :class:`LoopGate` in place of a sync karton service's shutdown flag.
 
-    :return: ``True`` when the service's loop will carry out the exit, ``False``
-        when ``instance`` is no such service or a shutdown is already under way.
+    :return: ``True`` when the service's loop will carry out ``guard``'s exit,
+        ``False`` when ``instance`` is no such service or a shutdown is under way.
     """
     if not is_sync_service(instance):
         return False
     current: Any = instance.__dict__.get("_shutdown")
-    if isinstance(current, LoopGate):
-        return True
-    if current is not False:
+    if current is False:
+        current = LoopGate(instance)
+        instance._shutdown = current  # type: ignore[attr-defined]
+    if not isinstance(current, LoopGate):
         return False
-    instance._shutdown = LoopGate(guard, instance)  # type: ignore[attr-defined]
+    current.add(guard)
     return True
 
 
