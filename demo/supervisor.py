@@ -7,10 +7,10 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
 
 from demo.processes import terminate
 
@@ -135,9 +135,11 @@ class RestartLoop:
             return max(len(self._generations) - 1, 0)
 
     def start(self) -> None:
-        """Start the first generation and return; later ones start by themselves."""
+        """Start the background thread, which starts every generation, and return."""
         if self._thread is not None:
             raise RuntimeError(f"restart loop {self.name} is already started")
+        if self._stopping.is_set():
+            raise RuntimeError(f"restart loop {self.name} is stopped; create a new one")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(
             target=self._run, name=f"restart-loop-{self.name}", daemon=True
@@ -155,7 +157,7 @@ class RestartLoop:
             while len(self._generations) < number:
                 if self._error is not None:
                     raise RuntimeError(
-                        f"restart loop {self.name} failed: {self._error}"
+                        f"restart loop {self.name} failed to start {self.argv[0]}: {self._error}"
                     ) from self._error
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -189,7 +191,7 @@ class RestartLoop:
         """Stop restarting and end the running generation by its PID.
 
         The process gets SIGTERM, then SIGKILL after :attr:`stop_timeout`.
-        Calling it again, or before :meth:`start`, does nothing.
+        Calling it again does nothing. A stopped loop cannot be started again.
         """
         with self._lock:
             self._stopping.set()
@@ -209,7 +211,7 @@ class RestartLoop:
                 try:
                     generation, process = self._spawn(number)
                 except OSError as error:
-                    logger.error("cannot start %s: %s", self.argv, error)
+                    logger.error("failed to start %s: %s", self.argv, error)
                     self._error = error
                     self._changed.notify_all()
                     return
@@ -257,8 +259,7 @@ class RestartLoop:
             )
         else:
             logger.info(
-                "%s generation %d (pid %d) exited with status %d after memwatch "
-                "rule %s tripped",
+                "%s generation %d (pid %d) exited with status %d after memwatch rule %s tripped",
                 self.name,
                 generation.number,
                 generation.pid,

@@ -1,0 +1,204 @@
+"""A karton consumer that leaks memory on every task, guarded by memwatch.
+
+Run it as ``python -m demo.leaky_consumer`` with the karton settings in the
+environment (``KARTON_*`` variables, see :attr:`demo.stack.KartonStack.env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+from karton.core import Consumer, Task
+
+from demo.pipeline import TASK_TYPE
+from memwatch import RestartBehavior, RestartRule, implant_watcher, restart_when
+
+#: Memory kept alive for the whole process: the leak.
+_leaked: list[bytearray] = []
+
+
+class LeakyConsumer(Consumer):
+    """Leak a fixed amount of memory per task and log the RSS after each task.
+
+    :param identity: karton identity of the service
+    :param leak_kib: KiB kept alive after every task
+    :param rss_log: file to which one JSON line per task is appended
+    :param crash_every: raise :class:`ValueError` on every task whose
+        ``index`` payload plus one is a multiple of this, or, for tasks without
+        an ``index``, whose count in this process is; 0 never raises
+    """
+
+    filters = [{"type": TASK_TYPE}]  # noqa: RUF012 (karton reads a class attribute)
+
+    def __init__(self, identity: str, leak_kib: int, rss_log: Path, crash_every: int = 0) -> None:
+        super().__init__(identity=identity)
+        self.leak_kib = leak_kib
+        self.rss_log = rss_log
+        self.crash_every = crash_every
+        self._process_info = psutil.Process()
+        self._tasks_seen = 0
+
+    def process(self, task: Task) -> None:
+        """Read the sample, leak memory, log the RSS, and maybe raise."""
+        self._tasks_seen += 1
+        sample = task.get_resource("sample").content
+        # Every byte is written, so the pages count in the RSS at once. An
+        # untouched bytes(n) may stay unbacked zero pages.
+        _leaked.append(bytearray(b"\x01") * (self.leak_kib * 1024))
+
+        index = task.get_payload("index")
+        position = index + 1 if isinstance(index, int) else self._tasks_seen
+        raises = self.crash_every > 0 and position % self.crash_every == 0
+        self._log_rss(task, len(sample), raises)
+        if raises:
+            raise ValueError(
+                f"task {task.task_uid} (index {index}) raised on purpose, "
+                f"because --crash-every is {self.crash_every}"
+            )
+
+    def _log_rss(self, task: Task, sample_size: int, raises: bool) -> None:
+        record = {
+            "pid": os.getpid(),
+            "task_uid": task.task_uid,
+            "index": task.get_payload("index"),
+            "rss": self._process_info.memory_info().rss,
+            "time": time.time(),
+            "sample_size": sample_size,
+            "raised": raises,
+        }
+        # Appending each line in one write() call keeps the lines of worker
+        # processes that run at once apart, on a local file system.
+        with self.rss_log.open("a", encoding="utf-8") as rss_file:
+            rss_file.write(json.dumps(record) + "\n")
+
+
+def guarded_by_decorator(extra_mb: float, behavior: RestartBehavior) -> type[LeakyConsumer]:
+    """Return a subclass whose ``process`` is guarded by :func:`memwatch.restart_when`.
+
+    The limits come from the command line, so the class is built at start-up.
+    """
+
+    class DecoratedLeakyConsumer(LeakyConsumer):
+        @restart_when(extra_mb=extra_mb, behavior=behavior)
+        def process(self, task: Task) -> None:
+            super().process(task)
+
+    return DecoratedLeakyConsumer
+
+
+def command(
+    *,
+    mode: str,
+    identity: str,
+    leak_kib: int,
+    extra_mb: float,
+    rss_log: Path,
+    exit_code: int = 0,
+    crash_every: int = 0,
+) -> list[str]:
+    """Return the command line that runs this consumer in a new interpreter.
+
+    Run it with :func:`child_env`, because the ``demo`` package is not
+    installed and the stack's working folder is elsewhere.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "demo.leaky_consumer",
+        f"--mode={mode}",
+        f"--identity={identity}",
+        f"--leak-kib={leak_kib}",
+        f"--extra-mb={extra_mb}",
+        f"--rss-log={rss_log}",
+        f"--exit-code={exit_code}",
+        f"--crash-every={crash_every}",
+    ]
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """Return a copy of ``env`` whose ``PYTHONPATH`` starts with the folder of ``demo``."""
+    source_root = str(Path(__file__).resolve().parent.parent)
+    python_path = env.get("PYTHONPATH")
+    child = dict(env)
+    child["PYTHONPATH"] = (
+        source_root if not python_path else os.pathsep.join([source_root, python_path])
+    )
+    return child
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of the leaking consumer."""
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.leaky_consumer",
+        description="Run a karton consumer that leaks memory and is guarded by memwatch.",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["decorator", "implant"],
+        required=True,
+        help="guard process() with @restart_when, or use implant_watcher()",
+    )
+    parser.add_argument(
+        "--leak-kib", type=int, required=True, help="memory leaked per task, in KiB"
+    )
+    parser.add_argument(
+        "--extra-mb",
+        type=float,
+        required=True,
+        help="restart once the RSS has grown this many MiB over the baseline",
+    )
+    parser.add_argument(
+        "--exit-code",
+        type=int,
+        choices=[0, 1],
+        default=0,
+        help="exit status on restart: 0 (RestartBehavior.EXIT_0) or 1 (EXIT_1)",
+    )
+    parser.add_argument("--identity", required=True, help="karton identity")
+    parser.add_argument(
+        "--rss-log",
+        type=Path,
+        required=True,
+        help="file to which one JSON line per task is appended",
+    )
+    parser.add_argument(
+        "--crash-every",
+        type=int,
+        default=0,
+        help="raise ValueError on every Nth task, by task index; 0 never raises",
+    )
+    args = parser.parse_args(argv)
+
+    if args.leak_kib < 0:
+        parser.error(f"--leak-kib must be 0 or more, got {args.leak_kib}")
+    if args.crash_every < 0:
+        parser.error(f"--crash-every must be 0 or more, got {args.crash_every}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Build the consumer from the command line and run its loop until SIGTERM."""
+    args = parse_args(argv)
+    behavior = RestartBehavior.EXIT_0 if args.exit_code == 0 else RestartBehavior.EXIT_1
+
+    consumer: LeakyConsumer
+    if args.mode == "decorator":
+        consumer_class = guarded_by_decorator(args.extra_mb, behavior)
+        consumer = consumer_class(args.identity, args.leak_kib, args.rss_log, args.crash_every)
+    else:
+        consumer = LeakyConsumer(args.identity, args.leak_kib, args.rss_log, args.crash_every)
+        rule = RestartRule(extra_consumed_megabytes=args.extra_mb, restart_behavior=behavior)
+        implant_watcher(consumer, rule)
+
+    consumer.loop()
+
+
+if __name__ == "__main__":
+    main()
