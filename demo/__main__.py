@@ -124,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     if args.tasks < 1:
         parser.error(f"--tasks must be 1 or more, got {args.tasks}")
-    if args.extra_mb <= 0:
+    if args.extra_mb is not None and args.extra_mb <= 0:
         parser.error(f"--extra-mb must be more than 0, got {args.extra_mb}")
     for option in ("leak_kib", "crash_every", "resource_size", "restart_delay"):
         if getattr(args, option) < 0:

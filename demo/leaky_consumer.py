@@ -79,14 +79,16 @@ class LeakyConsumer(Consumer):
             rss_file.write(json.dumps(record) + "\n")
 
 
-def guarded_by_decorator(extra_mb: float, behavior: RestartBehavior) -> type[LeakyConsumer]:
+def guarded_by_decorator(
+    extra_mb: float | None, behavior: RestartBehavior, max_tasks: int | None = None
+) -> type[LeakyConsumer]:
     """Return a subclass whose ``process`` is guarded by :func:`memwatch.restart_when`.
 
     The limits come from the command line, so the class is built at start-up.
     """
 
     class DecoratedLeakyConsumer(LeakyConsumer):
-        @restart_when(extra_mb=extra_mb, behavior=behavior)
+        @restart_when(extra_mb=extra_mb, max_tasks=max_tasks, behavior=behavior)
         def process(self, task: Task) -> None:
             super().process(task)
 
@@ -98,28 +100,33 @@ def command(
     mode: str,
     identity: str,
     leak_kib: int,
-    extra_mb: float,
+    extra_mb: float | None,
     rss_log: Path,
     exit_code: int = 0,
     crash_every: int = 0,
+    max_tasks: int | None = None,
 ) -> list[str]:
     """Return the command line that runs this consumer in a new interpreter.
 
     Run it with :func:`child_env`, because the ``demo`` package is not
     installed and the stack's working folder is elsewhere.
     """
-    return [
+    argv = [
         sys.executable,
         "-m",
         "demo.leaky_consumer",
         f"--mode={mode}",
         f"--identity={identity}",
         f"--leak-kib={leak_kib}",
-        f"--extra-mb={extra_mb}",
         f"--rss-log={rss_log}",
         f"--exit-code={exit_code}",
         f"--crash-every={crash_every}",
     ]
+    if extra_mb is not None:
+        argv.append(f"--extra-mb={extra_mb}")
+    if max_tasks is not None:
+        argv.append(f"--max-tasks={max_tasks}")
+    return argv
 
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
@@ -151,8 +158,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--extra-mb",
         type=float,
-        required=True,
         help="restart once the RSS has grown this many MiB over the baseline",
+    )
+    parser.add_argument(
+        "--max-tasks", type=int, help="restart after this many tasks in one process"
     )
     parser.add_argument(
         "--exit-code",
@@ -190,11 +199,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     consumer: LeakyConsumer
     if args.mode == "decorator":
-        consumer_class = guarded_by_decorator(args.extra_mb, behavior)
+        consumer_class = guarded_by_decorator(args.extra_mb, behavior, args.max_tasks)
         consumer = consumer_class(args.identity, args.leak_kib, args.rss_log, args.crash_every)
     else:
         consumer = LeakyConsumer(args.identity, args.leak_kib, args.rss_log, args.crash_every)
-        rule = RestartRule(extra_consumed_megabytes=args.extra_mb, restart_behavior=behavior)
+        rule = RestartRule(
+            extra_consumed_megabytes=args.extra_mb,
+            proceed_tasks=args.max_tasks,
+            restart_behavior=behavior,
+        )
         implant_watcher(consumer, rule)
 
     consumer.loop()

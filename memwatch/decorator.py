@@ -154,6 +154,18 @@ def restart_when(
     return decorate
 
 
+def guard_of(function: Callable[..., Any]) -> Guard:
+    """Return the :class:`~memwatch.guard.Guard` behind a function decorated with
+    :func:`restart_when`, for its counters and baseline.
+
+    :raises TypeError: when ``function`` is not guarded (or its guard is disabled)
+    """
+    guard = getattr(function, "__memwatch_guard__", None)
+    if not isinstance(guard, Guard):
+        raise TypeError(f"{function!r} is not guarded by restart_when")
+    return guard
+
+
 def _sync_wrapper(guard: Guard) -> Any:
     @wrapt.decorator  # type: ignore[untyped-decorator]
     def wrapper(

@@ -7,8 +7,10 @@ import inspect
 import logging
 
 import pytest
+from pytest_mock import MockerFixture
 
 from memwatch import Decision, RestartBehavior, restart_when
+from memwatch.decorator import guard_of
 from memwatch.memory import RssReader
 
 
@@ -77,7 +79,7 @@ def test_tasks_count_returned_and_raised_calls() -> None:
     job(False)
     with pytest.raises(ValueError, match="on purpose"):
         job(True)
-    guard = job.__memwatch_guard__  # type: ignore[attr-defined]
+    guard = guard_of(job)
     assert guard.tracker.tasks == 2
     assert guard.tracker.in_flight == 0
 
@@ -88,7 +90,7 @@ def test_count_rules_do_not_read_memory() -> None:
         pass
 
     job()
-    guard = job.__memwatch_guard__  # type: ignore[attr-defined]
+    guard = guard_of(job)
     assert guard.read_memory is False
     assert guard.tracker.baseline is None
 
@@ -102,7 +104,7 @@ def test_baseline_taken_before_first_call() -> None:
 
     before = RssReader().read()
     leak()
-    guard = leak.__memwatch_guard__  # type: ignore[attr-defined]
+    guard = guard_of(leak)
     assert before is not None
     assert guard.tracker.baseline is not None
     assert abs(guard.tracker.baseline - before) < 4 * 1024 * 1024
@@ -175,7 +177,7 @@ def test_exit_raises_system_exit_before_next_call() -> None:
 
 
 def test_memory_read_failure_keeps_count_rules(
-    mocker: pytest.MockFixture, caplog: pytest.LogCaptureFixture
+    mocker: MockerFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     # No real process can make /proc and psutil fail on demand, so this one is mocked.
     reader = RssReader()
@@ -187,7 +189,7 @@ def test_memory_read_failure_keeps_count_rules(
     def job() -> None:
         pass
 
-    job.__memwatch_guard__.tracker._reader = reader  # type: ignore[attr-defined]
+    guard_of(job).tracker._reader = reader
     with caplog.at_level(logging.WARNING, logger="memwatch"):
         for _ in range(4):
             job()

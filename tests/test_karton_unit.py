@@ -21,7 +21,7 @@ class Echo(Karton):
 
 
 class EchoTestCase(KartonTestCase):
-    karton_class = Echo
+    karton_class = Echo  # type: ignore[assignment]
 
     def test_run_task_past_tripped_rule(self) -> None:
         for n in range(3):

@@ -17,7 +17,9 @@ from memwatch.rules import (
 MIB = 1024 * 1024
 
 
-def snap(tasks: int = 1, uptime: float = 0.0, rss: int | None = None, baseline: int | None = None) -> Snapshot:
+def snap(
+    tasks: int = 1, uptime: float = 0.0, rss: int | None = None, baseline: int | None = None
+) -> Snapshot:
     return Snapshot(tasks=tasks, uptime=uptime, rss=rss, baseline=baseline)
 
 
@@ -31,7 +33,9 @@ def test_max_seconds_boundary(uptime: float, trips: bool) -> None:
     assert (MaxSeconds(60).check(snap(uptime=uptime)) is not None) is trips
 
 
-@pytest.mark.parametrize(("growth", "trips"), [(500 * MIB - 1, False), (500 * MIB, True), (500 * MIB + 1, True)])
+@pytest.mark.parametrize(
+    ("growth", "trips"), [(500 * MIB - 1, False), (500 * MIB, True), (500 * MIB + 1, True)]
+)
 def test_extra_mb_boundary_in_bytes(growth: int, trips: bool) -> None:
     baseline = 60 * MIB
     trip = ExtraMemory(500).check(snap(rss=baseline + growth, baseline=baseline))
@@ -46,7 +50,9 @@ def test_extra_mb_does_not_truncate_to_whole_megabytes() -> None:
     assert ExtraMemory(0.5).check(snap(rss=baseline + MIB // 2, baseline=baseline)) is not None
 
 
-@pytest.mark.parametrize(("rss", "trips"), [(179 * MIB, False), (180 * MIB, True), (181 * MIB, True)])
+@pytest.mark.parametrize(
+    ("rss", "trips"), [(179 * MIB, False), (180 * MIB, True), (181 * MIB, True)]
+)
 def test_extra_percent_boundary(rss: int, trips: bool) -> None:
     # 80 % over a 100 MiB baseline trips at 180 MiB.
     assert (ExtraPercent(80).check(snap(rss=rss, baseline=100 * MIB)) is not None) is trips

@@ -22,16 +22,18 @@ ORIGINAL_RULES = [
 @pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize("value", [0, -1, -0.5, math.nan, math.inf, -math.inf])
 def test_out_of_range_limit_raises_value_error(name: str, value: float) -> None:
+    kwargs: dict[str, Any] = {name: value}
     with pytest.raises(ValueError, match=rf"^{name} must be a positive") as caught:
-        restart_when(**{name: value})
+        restart_when(**kwargs)
     assert repr(value) in str(caught.value)
 
 
 @pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize("value", [True, False, "100", b"1", [1], object()])
 def test_non_number_limit_raises_type_error(name: str, value: Any) -> None:
+    kwargs: dict[str, Any] = {name: value}
     with pytest.raises(TypeError, match=rf"^{name} must be a positive") as caught:
-        restart_when(**{name: value})
+        restart_when(**kwargs)
     assert type(value).__name__ in str(caught.value)
 
 
@@ -65,7 +67,7 @@ def test_positional_limit_raises() -> None:
 def test_bare_decorator_raises() -> None:
     with pytest.raises(TypeError, match=r"@restart_when\(max_tasks=1000\)"):
 
-        @restart_when  # type: ignore[arg-type]
+        @restart_when
         def job() -> None:
             pass
 
@@ -83,7 +85,7 @@ def test_bad_before_exit_raises(callbacks: Any) -> None:
 
 
 def test_bad_logger_raises() -> None:
-    with pytest.raises(TypeError, match="logger must be a logging.Logger"):
+    with pytest.raises(TypeError, match=r"logger must be a logging\.Logger"):
         restart_when(max_tasks=1, logger="memwatch")  # type: ignore[arg-type]
 
 

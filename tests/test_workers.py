@@ -153,7 +153,13 @@ def test_before_exit_runs_in_order_and_raising_one_does_not_block() -> None:
 
 def test_raised_call_keeps_its_exception_then_exits() -> None:
     run = run_worker(
-        {"rules": {"max_tasks": 3}, "mode": "raise", "raise_at": 3, "calls": 10, "behavior": "EXIT_1"}
+        {
+            "rules": {"max_tasks": 3},
+            "mode": "raise",
+            "raise_at": 3,
+            "calls": 10,
+            "behavior": "EXIT_1",
+        }
     )
     assert run.code == 1, run.stderr
     assert run.numbers("caught") == [3]
@@ -169,7 +175,9 @@ def test_method_guard_exits() -> None:
 
 
 def test_async_function_exits_after_limit() -> None:
-    run = run_worker({"rules": {"max_tasks": 4}, "mode": "async", "calls": 10, "behavior": "EXIT_1"})
+    run = run_worker(
+        {"rules": {"max_tasks": 4}, "mode": "async", "calls": 10, "behavior": "EXIT_1"}
+    )
     assert run.code == 1, run.stderr
     assert run.numbers("call") == [1, 2, 3, 4]
     assert run.numbers("body") == [1, 2, 3, 4]
@@ -212,7 +220,9 @@ def test_thread_pool_trip_ends_process() -> None:
 
 
 def test_worker_thread_trip_ends_process() -> None:
-    run = run_worker({"rules": {"max_tasks": 3}, "mode": "thread", "calls": 10, "behavior": "EXIT_1"})
+    run = run_worker(
+        {"rules": {"max_tasks": 3}, "mode": "thread", "calls": 10, "behavior": "EXIT_1"}
+    )
     assert run.code == 1, run.stderr
     assert run.numbers("call") == [1, 2, 3]
     assert "ending the process from thread worker-thread with os._exit(1)" in run.stderr
@@ -220,7 +230,9 @@ def test_worker_thread_trip_ends_process() -> None:
 
 
 def test_forked_child_gets_fresh_baseline_and_counts() -> None:
-    run = run_worker({"rules": {"max_tasks": 5, "extra_mb": 500}, "mode": "fork", "leak_mib": 8, "calls": 4})
+    run = run_worker(
+        {"rules": {"max_tasks": 5, "extra_mb": 500}, "mode": "fork", "leak_mib": 8, "calls": 4}
+    )
     assert run.code == 0, run.stderr
     parent = next(line for line in run.lines if line.startswith("parent baseline"))
     child_start = next(line for line in run.lines if line.startswith("child tasks"))

@@ -27,10 +27,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memwatch import Decision, RestartBehavior, restart_when
+from memwatch.decorator import guard_of
 from memwatch.memory import default_reader
 
 SETTINGS: dict[str, Any] = json.loads(sys.argv[1])
@@ -64,7 +66,7 @@ def custom_behavior(decision: Decision) -> None:
     emit(f"decision {decision.rule} {decision.snapshot.tasks}")
 
 
-def build_decorator() -> Any:
+def build_decorator() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     name = SETTINGS.get("behavior", "EXIT_0")
     behavior: Any = custom_behavior if name == "callable" else RestartBehavior[name]
     return restart_when(
@@ -169,7 +171,7 @@ def run_one_thread(calls: int) -> None:
 
 def run_fork(calls: int) -> None:
     run_sync(calls)
-    guard = guarded_work.__memwatch_guard__
+    guard = guard_of(guarded_work)
     emit(f"parent baseline {guard.tracker.baseline} tasks {guard.tracker.tasks}")
     pid = os.fork()
     if pid == 0:
