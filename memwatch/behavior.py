@@ -46,6 +46,8 @@ class Decision:
     snapshot: Snapshot
     #: Whether the call that tripped the rule raised an exception of its own.
     task_raised: bool = False
+    #: Whether the rule tripped while a karton consumer waited for tasks.
+    idle: bool = False
 
     @property
     def rule(self) -> str:
@@ -55,7 +57,8 @@ class Decision:
     def describe(self) -> str:
         """Return the log line's text: every rule that tripped with the numbers behind it."""
         first, *others = self.trips
-        text = f"restart rule {first.rule} tripped after task {self.snapshot.tasks}"
+        when = "while idle after" if self.idle else "after"
+        text = f"restart rule {first.rule} tripped {when} task {self.snapshot.tasks}"
         if self.task_raised:
             text += " (the task raised)"
         text += f": {first.describe()}"

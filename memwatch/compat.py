@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .behavior import RestartBehavior, check_callbacks, run_before_exit
-from .decorator import build_rules
+from .config import Settings
 from .guard import Guard
-from .karton import install_gate
+from .karton import start_service
 from .memory import MIB, default_reader
 
 #: karton-memory-watcher's parameter names for memwatch's rules, used in error messages.
@@ -53,24 +53,27 @@ class RestartRule:
         extra_consumed_megabytes: float | None = None,
         restart_behavior: RestartBehavior = RestartBehavior.EXIT_0,
     ) -> None:
-        rules = build_rules(
-            max_tasks=proceed_tasks,
-            max_seconds=elapsed_time,
-            extra_percent=extra_consumed_memory_percent,
-            extra_mb=extra_consumed_megabytes,
-            names=_ORIGINAL_NAMES,
-        )
         if not isinstance(restart_behavior, RestartBehavior):
             choices = ", ".join(f"RestartBehavior.{m.name}" for m in RestartBehavior)
             raise TypeError(f"restart_behavior must be one of {choices}, got {restart_behavior!r}")
-        behavior = restart_behavior
+        settings = Settings(
+            limits={
+                "max_tasks": proceed_tasks,
+                "max_seconds": elapsed_time,
+                "extra_percent": extra_consumed_memory_percent,
+                "extra_mb": extra_consumed_megabytes,
+            },
+            behavior=restart_behavior,
+            names=_ORIGINAL_NAMES,
+        )
+        settings.rules()
         self.call_before_exit = check_callbacks(call_before_exit, "call_before_exit")
         self.rule_proceed_tasks = proceed_tasks
         self.rule_elapsed_time = elapsed_time
         self.rule_extra_consumed_memory_percent = extra_consumed_memory_percent
         self.rule_extra_consumed_megabytes = extra_consumed_megabytes
-        self.restart_behavior = behavior
-        self._guard = Guard(rules, behavior, self.call_before_exit)
+        self.restart_behavior = restart_behavior
+        self._guard = Guard(settings, self.call_before_exit, name="RestartRule")
         self._consumer: object | None = None
         self.prehooked = False
 
@@ -99,9 +102,12 @@ class RestartRule:
         return 0 if rss is None else rss // MIB
 
     def attach(self, consumer: object) -> None:
-        """Bind the rule to a karton consumer, so that its loop carries out the exit."""
+        """Bind the rule to a karton consumer, so that its loop carries out the exit.
+
+        :raises ValueError: when the consumer's ``[memwatch]`` config is invalid
+        """
         self._consumer = consumer
-        install_gate(consumer, self._guard)
+        start_service(consumer, self._guard)
 
     def pre_hook_behavior(self, *args: Any, **kwargs: Any) -> None:
         """Take the baseline and the start time before the first task."""

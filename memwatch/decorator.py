@@ -10,73 +10,18 @@ from typing import Any, TypeVar
 
 import wrapt
 
+from . import config, karton
 from .behavior import Behavior, RestartBehavior, check_behavior, check_callbacks
+from .config import DEFAULT_IDLE_CHECK_SECONDS, Settings
 from .guard import Guard
-from .rules import ExtraMemory, ExtraPercent, MaxRss, MaxSeconds, MaxTasks, Rule
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: The environment variable that switches every guard off, for unit tests such as
 #: ``KartonTestCase.run_task``, which call ``process`` directly.
 ENABLED_VARIABLE = "MEMWATCH_ENABLED"
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 _logger = logging.getLogger("memwatch")
-
-
-def build_rules(
-    *,
-    max_tasks: object = None,
-    max_seconds: object = None,
-    extra_mb: object = None,
-    extra_percent: object = None,
-    max_rss_mb: object = None,
-    names: dict[str, str] | None = None,
-) -> list[Rule]:
-    """Validate the limits and build a rule for each one that is set.
-
-    :param names: parameter names to use in messages instead of memwatch's own
-    :raises ValueError: when no limit is set, or a limit is out of range
-    :raises TypeError: when a limit is not a number
-    """
-    names = names or {}
-    limits: list[tuple[str, object, type[Rule]]] = [
-        ("max_tasks", max_tasks, MaxTasks),
-        ("max_seconds", max_seconds, MaxSeconds),
-        ("extra_mb", extra_mb, ExtraMemory),
-        ("extra_percent", extra_percent, ExtraPercent),
-        ("max_rss_mb", max_rss_mb, MaxRss),
-    ]
-    rules = [
-        rule_type(value, names.get(name, name))
-        for name, value, rule_type in limits
-        if value is not None
-    ]
-    if not rules:
-        accepted = ", ".join(names.get(name, name) for name, _, _ in limits)
-        raise ValueError(f"at least one restart rule must be set: {accepted}")
-    return rules
-
-
-def read_enabled(enabled: object) -> bool:
-    """Resolve the ``enabled`` argument, or :data:`ENABLED_VARIABLE` when it is ``None``."""
-    if enabled is not None:
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
-        return enabled
-    raw = os.environ.get(ENABLED_VARIABLE)
-    if raw is None:
-        return True
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(
-        f"{ENABLED_VARIABLE}={raw!r} is invalid: use 1, true, yes or on to enable the "
-        "guard, 0, false, no or off to disable it"
-    )
 
 
 def restart_when(
@@ -122,36 +67,57 @@ def restart_when(
             "restart_when needs at least one rule and must be called, as in "
             f"@restart_when(max_tasks=1000), not applied bare to {func!r}"
         )
-    rules = build_rules(
-        max_tasks=max_tasks,
-        max_seconds=max_seconds,
-        extra_mb=extra_mb,
-        extra_percent=extra_percent,
-        max_rss_mb=max_rss_mb,
-    )
-    checked_behavior = check_behavior(behavior)
-    callbacks = check_callbacks(before_exit)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None, got {enabled!r}")
     if logger is not None and not isinstance(logger, logging.Logger):
         raise TypeError(f"logger must be a logging.Logger or None, got {logger!r}")
-    is_enabled = read_enabled(enabled)
+    limits = {
+        "max_tasks": max_tasks,
+        "max_seconds": max_seconds,
+        "extra_mb": extra_mb,
+        "extra_percent": extra_percent,
+        "max_rss_mb": max_rss_mb,
+    }
+    arguments = Settings(
+        limits=limits,
+        behavior=check_behavior(behavior),
+        enabled=True if enabled is None else enabled,
+        idle_check_seconds=DEFAULT_IDLE_CHECK_SECONDS,
+    )
+    # Validate the arguments on their own first, so that an error names the argument.
+    arguments.rules()
+    settings = arguments.merged(config.from_environment(os.environ))
+    settings.rules()
+    callbacks = check_callbacks(before_exit)
 
     def decorate(wrapped: F) -> F:
         if not callable(wrapped):
             raise TypeError(f"restart_when can only guard a callable, got {wrapped!r}")
-        if not is_enabled:
-            _logger.debug(
-                "memwatch: guard disabled for %s", getattr(wrapped, "__qualname__", wrapped)
-            )
+        name = getattr(wrapped, "__qualname__", repr(wrapped))
+        if not settings.enabled:
+            _logger.debug("memwatch: guard of %s disabled", name)
             return wrapped
-        guard = Guard(rules, checked_behavior, callbacks, logger)
+        guard = Guard(settings, callbacks, logger, name=name)
         if inspect.iscoroutinefunction(wrapped):
-            decorated: F = _async_wrapper(guard)(wrapped)
+            wrapper = _async_wrapper(guard)
         else:
-            decorated = _sync_wrapper(guard)(wrapped)
-        decorated.__memwatch_guard__ = guard  # type: ignore[attr-defined]
+            wrapper = _sync_wrapper(guard)
+        decorated = GuardedFunction(wrapped, wrapper)
+        decorated._self_guard = guard
         return decorated
 
     return decorate
+
+
+class GuardedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]
+    """A function guarded by :func:`restart_when`: it calls like the function it wraps."""
+
+    _self_guard: Guard
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        # Defined in a class body: a karton service's loop must prepare the guard
+        # (config, idle checks) before the first task arrives.
+        karton.prepare_service_class(owner, self._self_guard)
 
 
 def guard_of(function: Callable[..., Any]) -> Guard:
@@ -160,14 +126,13 @@ def guard_of(function: Callable[..., Any]) -> Guard:
 
     :raises TypeError: when ``function`` is not guarded (or its guard is disabled)
     """
-    guard = getattr(function, "__memwatch_guard__", None)
+    guard = getattr(function, "_self_guard", None)
     if not isinstance(guard, Guard):
         raise TypeError(f"{function!r} is not guarded by restart_when")
     return guard
 
 
-def _sync_wrapper(guard: Guard) -> Any:
-    @wrapt.decorator  # type: ignore[untyped-decorator]
+def _sync_wrapper(guard: Guard) -> Callable[..., Any]:
     def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -183,8 +148,7 @@ def _sync_wrapper(guard: Guard) -> Any:
     return wrapper
 
 
-def _async_wrapper(guard: Guard) -> Any:
-    @wrapt.decorator  # type: ignore[untyped-decorator]
+def _async_wrapper(guard: Guard) -> Callable[..., Any]:
     async def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from . import karton
 from .behavior import (
-    Behavior,
     Decision,
     RestartBehavior,
     callback_name,
@@ -30,8 +30,9 @@ from .behavior import (
     hard_exit,
     run_before_exit,
 )
+from .config import Settings, describe_overrides
 from .memory import to_mib
-from .rules import Rule, Snapshot
+from .rules import Snapshot
 from .tracker import Tracker
 
 _logger = logging.getLogger("memwatch")
@@ -45,17 +46,28 @@ class Guard:
 
     def __init__(
         self,
-        rules: Sequence[Rule],
-        behavior: Behavior,
+        settings: Settings,
         before_exit: Sequence[Callable[[], object]] = (),
         logger: logging.Logger | None = None,
+        name: str = "",
     ) -> None:
-        self.rules = tuple(rules)
-        self.behavior = behavior
         self.before_exit = tuple(before_exit)
-        self.read_memory = any(rule.needs_memory for rule in self.rules)
         self.tracker = Tracker()
+        self.name = name
         self._logger = logger
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Apply new settings; they are validated first, so a bad one changes nothing.
+
+        :raises ValueError: when no rule is left or a limit is out of range
+        """
+        rules = tuple(settings.rules())
+        self.settings = settings
+        self.rules = rules
+        self.behavior = settings.behavior
+        self.enabled = settings.enabled
+        self.read_memory = any(rule.needs_memory for rule in rules)
 
     def logger_for(self, instance: object) -> logging.Logger:
         """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
@@ -74,18 +86,40 @@ class Guard:
             return self.behavior.name
         return callback_name(self.behavior)
 
+    def log_start(self, instance: object, where: str = "") -> None:
+        """Log the effective rules once per process."""
+        tracker = self.tracker
+        if tracker.start_logged:
+            return
+        tracker.start_logged = True
+        subject = f"{self.name or 'a function'}{where}"
+        text = f"memwatch: guarding {subject}: {self.describe()}"
+        if not self.enabled:
+            text = f"memwatch: the guard of {subject} is disabled by enabled=false"
+        elif self.settings.overrides:
+            text += f" (from configuration: {describe_overrides(self.settings.overrides)})"
+        self.logger_for(instance).info("%s", text)
+
     # The call cycle.
 
     def before_call(self, instance: object) -> None:
         """Hold or end the process if an exit is pending, then record the call's start."""
+        if not self.enabled:
+            return
         tracker = self.tracker
+        if not tracker.started:
+            self._first_call(instance)
         if tracker.decision is not None and not karton.install_gate(instance, self):
             self._hold(instance)
         tracker.enter(self.read_memory)
 
     async def before_call_async(self, instance: object) -> None:
         """Do what :meth:`before_call` does without blocking the event loop."""
+        if not self.enabled:
+            return
         tracker = self.tracker
+        if not tracker.started:
+            self._first_call(instance)
         if tracker.decision is not None and not karton.install_gate(instance, self):
             while tracker.in_flight > 0 and not tracker.released.is_set():
                 await asyncio.sleep(_ASYNC_POLL_SECONDS)
@@ -95,8 +129,19 @@ class Guard:
             self._after_release()
         tracker.enter(self.read_memory)
 
+    def _first_call(self, instance: object) -> None:
+        # A karton service not prepared at class creation (a guard applied after
+        # the class was built) gets its gate on its first task.
+        try:
+            karton.install_gate(instance, self)
+            self.log_start(instance)
+        except Exception:
+            self.logger_for(instance).exception("memwatch: preparing the guard failed")
+
     def after_call(self, instance: object, raised: bool) -> None:
         """Record the call's end and check the rules; never raises."""
+        if not self.enabled:
+            return
         try:
             snapshot = self.tracker.leave(self.read_memory)
             self._check(snapshot, instance, raised)
@@ -127,7 +172,31 @@ class Guard:
 
     # Checking.
 
-    def _check(self, snapshot: Snapshot, instance: object, raised: bool) -> None:
+    def check_idle(self, instance: object) -> None:
+        """Check the rules while a karton consumer waits for tasks and none is in flight.
+
+        The check runs at most every ``idle_check_seconds``, and only once no task
+        has completed for that long, so a busy consumer pays nothing extra.
+        """
+        tracker = self.tracker
+        if not self.enabled or tracker.decision is not None:
+            return
+        now = time.monotonic()
+        if tracker.idle_since is None or tracker.tasks != tracker.idle_tasks:
+            tracker.idle_tasks = tracker.tasks
+            tracker.idle_since = now
+            return
+        if now - tracker.idle_since < self.settings.idle_check_seconds:
+            return
+        tracker.idle_since = now
+        try:
+            self._check(tracker.snapshot(self.read_memory), instance, raised=False, idle=True)
+        except Exception:
+            self.logger_for(instance).exception("memwatch: checking the rules while idle failed")
+
+    def _check(
+        self, snapshot: Snapshot, instance: object, raised: bool, idle: bool = False
+    ) -> None:
         logger = self.logger_for(instance)
         tracker = self.tracker
         if self.read_memory and snapshot.rss is None and not tracker.memory_failure_logged:
@@ -137,14 +206,14 @@ class Guard:
                 "inactive, the count and time rules still apply",
                 tracker.reader.failure,
             )
-        if logger.isEnabledFor(logging.DEBUG):
+        if not idle and logger.isEnabledFor(logging.DEBUG):
             logger.debug("memwatch: %s", _describe_task(snapshot))
         if tracker.decision is not None:
             return
         trips = tuple(trip for rule in self.rules if (trip := rule.check(snapshot)))
         if not trips:
             return
-        decision = Decision(trips, snapshot, task_raised=raised)
+        decision = Decision(trips, snapshot, task_raised=raised, idle=idle)
         if self.behavior is RestartBehavior.DRY_RUN:
             if decision.rule not in tracker.reported:
                 tracker.reported.add(decision.rule)
@@ -161,7 +230,7 @@ class Guard:
         else:
             action = f"calling {callback_name(self.behavior)}"
         if gated:
-            return f"{action} once karton has recorded the task's state"
+            return f"{action} once karton has recorded the state of every task in flight"
         return f"{action} when the next guarded call starts"
 
     # Ending.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -177,3 +178,33 @@ class MaxRss(Rule):
         if snapshot.rss is not None and snapshot.rss >= self._limit_bytes:
             return self._trip(to_mib(snapshot.rss))
         return None
+
+
+#: The rules by their argument name, in the order they are checked and reported.
+RULE_TYPES: dict[str, type[Rule]] = {
+    "max_tasks": MaxTasks,
+    "max_seconds": MaxSeconds,
+    "extra_mb": ExtraMemory,
+    "extra_percent": ExtraPercent,
+    "max_rss_mb": MaxRss,
+}
+
+
+def build_rules(limits: Mapping[str, object], names: Mapping[str, str] | None = None) -> list[Rule]:
+    """Validate the limits and build a rule for each one that is set (not ``None``).
+
+    :param limits: limit by argument name, as in :data:`RULE_TYPES`
+    :param names: names to show instead of memwatch's own, in messages and logs
+    :raises ValueError: when no limit is set, or a limit is out of range
+    :raises TypeError: when a limit is not a number
+    """
+    names = names or {}
+    rules: list[Rule] = []
+    for name, rule_type in RULE_TYPES.items():
+        value = limits.get(name)
+        if value is not None:
+            rules.append(rule_type(value, names.get(name, name)))
+    if not rules:
+        accepted = ", ".join(names.get(name, name) for name in RULE_TYPES)
+        raise ValueError(f"at least one restart rule must be set: {accepted}")
+    return rules

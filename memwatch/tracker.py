@@ -37,8 +37,15 @@ class Tracker:
         self.started_at: float | None = None
         #: ``time.time()`` at the first guarded call, for logs and karton-memory-watcher's API.
         self.started_wall: float | None = None
+        #: Whether the baseline was taken (the first guarded call has started).
+        self.started = False
         self.tasks = 0
         self.in_flight = 0
+        #: Whether the effective rules were logged in this process.
+        self.start_logged = False
+        #: ``time.monotonic()`` when the idle checks last saw :attr:`tasks` change.
+        self.idle_since: float | None = None
+        self.idle_tasks = 0
         #: The decision that ends this process, once a rule has tripped.
         self.decision: Decision | None = None
         #: Rules already logged in dry-run mode, each logged once per process.
@@ -59,14 +66,24 @@ class Tracker:
         return self._reader
 
     def start(self, read_memory: bool) -> None:
-        """Take the baseline and the start time, once per process."""
-        if self.started_at is not None:
+        """Take the baseline, and start the clock unless it runs already, once per process."""
+        if self.started:
             return
         with self._lock:
-            if self.started_at is not None:
+            if self.started:
                 return
             if read_memory:
                 self.baseline = self.reader.read()
+            self._start_clock()
+            self.started = True
+
+    def start_clock(self) -> None:
+        """Start the clock of ``max_seconds`` now, when a karton service starts its loop."""
+        with self._lock:
+            self._start_clock()
+
+    def _start_clock(self) -> None:
+        if self.started_at is None:
             self.started_wall = time.time()
             self.started_at = time.monotonic()
 

@@ -102,8 +102,9 @@ def test_bad_enabled_raises(enabled: Any) -> None:
 @pytest.mark.parametrize("value", ["maybe", "", "2"])
 def test_bad_environment_switch_raises(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("MEMWATCH_ENABLED", value)
-    with pytest.raises(ValueError, match=rf"MEMWATCH_ENABLED={value!r} is invalid"):
+    with pytest.raises(ValueError, match=rf"MEMWATCH_ENABLED = {value!r} is invalid") as caught:
         restart_when(max_tasks=1)
+    assert "1, true, yes, on, 0, false, no, off" in str(caught.value)
 
 
 def test_guarding_a_non_callable_raises() -> None:

@@ -1,0 +1,221 @@
+"""Options set without code: karton's config (``[memwatch]``, ``KARTON_MEMWATCH_*``) and
+``MEMWATCH_*`` environment variables.
+
+Values from these sources override the decorator's arguments, as karton's config
+overrides a service's class attributes. They are validated like the arguments: a
+bad value raises :class:`ValueError` naming where it came from, the value and the
+accepted range, so a misconfigured service stops at start instead of running
+unguarded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .behavior import Behavior, RestartBehavior
+from .rules import RULE_TYPES, Rule, build_rules, check_limit
+
+#: A value that removes a rule the decorator set, for example ``max_tasks = off``.
+REMOVED = "off"
+_REMOVED_WORDS = frozenset({"off", "none"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+#: karton config section and prefix of plain environment variables.
+SECTION = "memwatch"
+ENV_PREFIX = "MEMWATCH_"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option that can be set without code."""
+
+    name: str
+    unit: str
+    default: str
+    meaning: str
+    parse: Callable[[str, object], object]
+
+
+def _number(name: str, value: object, *, integer: bool) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _REMOVED_WORDS:
+            return REMOVED
+        if not text:
+            raise ValueError(f"{name} must not be empty; use off to remove the rule")
+        try:
+            number: object = float(text)
+        except ValueError:
+            kind = "a positive integer" if integer else "a positive finite number"
+            raise ValueError(f"{name} must be {kind} or off, got {value!r}") from None
+    else:
+        number = value
+    checked = check_limit(name, number, integer=integer)
+    return int(checked) if integer else checked
+
+
+def _limit(integer: bool = False) -> Callable[[str, object], object]:
+    def parse(name: str, value: object) -> object:
+        return _number(name, value, integer=integer)
+
+    return parse
+
+
+def _seconds(name: str, value: object) -> object:
+    result = _number(name, value, integer=False)
+    if result == REMOVED:
+        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+    return result
+
+
+def _behavior(name: str, value: object) -> object:
+    if isinstance(value, RestartBehavior):
+        return value
+    text = str(value).strip().upper()
+    if isinstance(value, str) and text in RestartBehavior.__members__:
+        return RestartBehavior[text]
+    choices = ", ".join(member.name.lower() for member in RestartBehavior)
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def parse_bool(name: str, value: object) -> object:
+    """Parse an on/off value as karton's ``Config.getboolean`` does."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of 1, true, yes, on, 0, false, no, off, got {value!r}")
+
+
+OPTIONS: dict[str, Option] = {
+    option.name: option
+    for option in (
+        Option("max_tasks", "tasks", "unset", "restart after this many tasks", _limit(True)),
+        Option("max_seconds", "seconds", "unset", "restart after this long", _limit()),
+        Option("extra_mb", "MiB", "unset", "restart once RSS grew this much", _limit()),
+        Option("extra_percent", "%", "unset", "restart once RSS grew this share", _limit()),
+        Option("max_rss_mb", "MiB", "unset", "restart once RSS reaches this", _limit()),
+        Option("behavior", "", "exit_0", "exit_0, exit_1 or dry_run", _behavior),
+        Option("enabled", "", "true", "false turns the guard off", parse_bool),
+        Option(
+            "idle_check_seconds",
+            "seconds",
+            "5",
+            "how often an idle karton consumer checks the rules",
+            _seconds,
+        ),
+    )
+}
+
+
+def parse_options(raw: Mapping[str, object], source: Callable[[str], str]) -> dict[str, Any]:
+    """Validate raw option values and return them parsed.
+
+    :param raw: option name to value, as read from a file or the environment
+    :param source: returns where an option was set, for error messages
+    :raises ValueError: for an unknown option or an invalid value
+    """
+    parsed: dict[str, Any] = {}
+    for name, value in raw.items():
+        option = OPTIONS.get(name)
+        if option is None:
+            close = difflib.get_close_matches(name, OPTIONS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(
+                f"unknown memwatch option {source(name)}{hint} "
+                f"(known options: {', '.join(OPTIONS)})"
+            )
+        try:
+            parsed[name] = option.parse(name, value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source(name)} = {value!r} is invalid: {exc}") from None
+    return parsed
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return the options set as ``MEMWATCH_<OPTION>`` environment variables."""
+    raw = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    return parse_options(raw, lambda name: f"{ENV_PREFIX}{name.upper()}")
+
+
+def from_karton(config: object, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return the options of a karton ``Config``'s ``[memwatch]`` section.
+
+    karton merges ``KARTON_MEMWATCH_<OPTION>`` variables into that section, so
+    both sources are read here; ``environ`` only tells which one set a value.
+    """
+    # karton's Config has no public way to list a section's options.
+    sections = getattr(config, "_config", None)
+    section = sections.get(SECTION) if isinstance(sections, dict) else None
+    if not isinstance(section, Mapping):
+        return {}
+
+    def source(name: str) -> str:
+        variable = f"KARTON_{SECTION.upper()}_{name.upper()}"
+        if variable in environ:
+            return variable
+        return f"[{SECTION}] {name} in karton.ini"
+
+    return parse_options(dict(section), source)
+
+
+def describe_overrides(options: Mapping[str, Any]) -> str:
+    """Return ``name=value`` pairs for the start-up log line."""
+    parts = []
+    for name, value in options.items():
+        if isinstance(value, RestartBehavior):
+            text = value.name
+        elif isinstance(value, float) and not math.isinf(value) and value.is_integer():
+            text = str(int(value))
+        else:
+            text = str(value)
+        parts.append(f"{name}={text}")
+    return ", ".join(parts)
+
+
+#: Seconds between two rule checks of an idle karton consumer, unless configured.
+DEFAULT_IDLE_CHECK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a guard enforces: the limits, the behaviour and the switches."""
+
+    #: Limit by rule name (see :data:`memwatch.rules.RULE_TYPES`); ``None`` is unset.
+    limits: Mapping[str, object]
+    behavior: Behavior = RestartBehavior.EXIT_0
+    enabled: bool = True
+    idle_check_seconds: float = DEFAULT_IDLE_CHECK_SECONDS
+    #: Names to show instead of memwatch's own, for karton-memory-watcher's API.
+    names: Mapping[str, str] = field(default_factory=dict)
+    #: The options that came from configuration, for the start-up log line.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def rules(self) -> list[Rule]:
+        """Build and validate the rules."""
+        return build_rules(self.limits, self.names)
+
+    def merged(self, options: Mapping[str, Any]) -> Settings:
+        """Return these settings with parsed ``options`` applied over them."""
+        if not options:
+            return self
+        limits = dict(self.limits)
+        changes: dict[str, Any] = {}
+        for name, value in options.items():
+            if name in RULE_TYPES:
+                limits[name] = None if value == REMOVED else value
+            else:
+                changes[name] = value
+        return replace(self, limits=limits, overrides={**self.overrides, **options}, **changes)
