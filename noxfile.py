@@ -29,7 +29,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """Type-check the package, the tests and the demo with mypy --strict."""
-    session.install("-e", ".[test]", "mypy>=1.10", "types-psutil")
+    session.install("-e", ".[test]", "mypy>=1.10", "types-psutil", "types-PyYAML")
     session.run("mypy")
 
 

@@ -44,6 +44,8 @@ class LeakyConsumer(Consumer):
         self.crash_every = crash_every
         self._process_info = psutil.Process()
         self._tasks_seen = 0
+        #: Seconds each task takes after its leak, to keep tasks in flight for a while.
+        self.sleep = 0.0
 
     def process(self, task: Task) -> None:
         """Read the sample, leak memory, log the RSS, and maybe raise."""
@@ -56,6 +58,8 @@ class LeakyConsumer(Consumer):
         index = task.get_payload("index")
         position = index + 1 if isinstance(index, int) else self._tasks_seen
         raises = self.crash_every > 0 and position % self.crash_every == 0
+        if self.sleep:
+            time.sleep(self.sleep)
         self._log_rss(task, len(sample), raises)
         if raises:
             raise ValueError(
@@ -80,7 +84,10 @@ class LeakyConsumer(Consumer):
 
 
 def guarded_by_decorator(
-    extra_mb: float | None, behavior: RestartBehavior, max_tasks: int | None = None
+    extra_mb: float | None,
+    behavior: RestartBehavior,
+    max_tasks: int | None = None,
+    max_seconds: float | None = None,
 ) -> type[LeakyConsumer]:
     """Return a subclass whose ``process`` is guarded by :func:`memwatch.restart_when`.
 
@@ -88,7 +95,9 @@ def guarded_by_decorator(
     """
 
     class DecoratedLeakyConsumer(LeakyConsumer):
-        @restart_when(extra_mb=extra_mb, max_tasks=max_tasks, behavior=behavior)
+        @restart_when(
+            extra_mb=extra_mb, max_tasks=max_tasks, max_seconds=max_seconds, behavior=behavior
+        )
         def process(self, task: Task) -> None:
             super().process(task)
 
@@ -105,6 +114,9 @@ def command(
     exit_code: int = 0,
     crash_every: int = 0,
     max_tasks: int | None = None,
+    max_seconds: float | None = None,
+    sleep: float = 0.0,
+    concurrency: int = 1,
 ) -> list[str]:
     """Return the command line that runs this consumer in a new interpreter.
 
@@ -126,6 +138,12 @@ def command(
         argv.append(f"--extra-mb={extra_mb}")
     if max_tasks is not None:
         argv.append(f"--max-tasks={max_tasks}")
+    if max_seconds is not None:
+        argv.append(f"--max-seconds={max_seconds}")
+    if sleep:
+        argv.append(f"--sleep={sleep}")
+    if concurrency != 1:
+        argv.append(f"--concurrency={concurrency}")
     return argv
 
 
@@ -148,9 +166,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=["decorator", "implant"],
+        choices=["decorator", "implant", "async"],
         required=True,
-        help="guard process() with @restart_when, or use implant_watcher()",
+        help=(
+            "guard process() with @restart_when, use implant_watcher(), or run an "
+            "async consumer (karton.core.asyncio) whose async process() is guarded"
+        ),
     )
     parser.add_argument(
         "--leak-kib", type=int, required=True, help="memory leaked per task, in KiB"
@@ -162,6 +183,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-tasks", type=int, help="restart after this many tasks in one process"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, help="restart after this many seconds in one process"
+    )
+    parser.add_argument(
+        "--sleep", type=float, default=0.0, help="seconds each task takes, after its leak"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="tasks an async consumer runs at once (karton's concurrency_limit)",
     )
     parser.add_argument(
         "--exit-code",
@@ -197,19 +230,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     behavior = RestartBehavior.EXIT_0 if args.exit_code == 0 else RestartBehavior.EXIT_1
 
+    if args.mode == "async":
+        from demo.async_consumer import run_async_consumer
+
+        run_async_consumer(args, behavior)
+        return
+
     consumer: LeakyConsumer
     if args.mode == "decorator":
-        consumer_class = guarded_by_decorator(args.extra_mb, behavior, args.max_tasks)
+        consumer_class = guarded_by_decorator(
+            args.extra_mb, behavior, args.max_tasks, args.max_seconds
+        )
         consumer = consumer_class(args.identity, args.leak_kib, args.rss_log, args.crash_every)
     else:
         consumer = LeakyConsumer(args.identity, args.leak_kib, args.rss_log, args.crash_every)
         rule = RestartRule(
             extra_consumed_megabytes=args.extra_mb,
             proceed_tasks=args.max_tasks,
+            elapsed_time=args.max_seconds,
             restart_behavior=behavior,
         )
         implant_watcher(consumer, rule)
-
+    consumer.sleep = args.sleep
     consumer.loop()
 
 

@@ -139,6 +139,10 @@ class AsyncGate(_Gate):
     def __init__(self, service: Any) -> None:
         super().__init__(service)
         self.in_flight = 0
+        #: Set when the service's ``loop`` is wrapped by :func:`prepare_service_class`,
+        #: which turns a cancelled loop back into this exit.
+        self.loop_wrapped = False
+        self.exit_request: SystemExit | None = None
         self._consume = service.backend.consume_routed_task
         self._internal_process = service.internal_process
         service.backend.consume_routed_task = self._consume_routed_task
@@ -157,11 +161,21 @@ class AsyncGate(_Gate):
             self.in_flight -= 1
 
     async def _consume_routed_task(self, *args: Any, **kwargs: Any) -> Any:
-        guard = self._pending() if self.in_flight == 0 else self._decided()
-        if guard is not None:
+        for each in self._guards:
+            each.log_start(self._service, _where(self._service))
+        pending = self._pending() if self.in_flight == 0 else self._decided()
+        if pending is not None:
             while self.in_flight > 0:
                 await asyncio.sleep(_DRAIN_POLL_SECONDS)
-            guard.end_from_gate(self._service)
+            try:
+                pending.end_from_gate(self._service)
+            except SystemExit as exit_request:
+                if not self.loop_wrapped:
+                    raise
+                # Leave through karton's own shutdown path, so that its log handler
+                # and Redis connections close while the event loop still runs.
+                self.exit_request = exit_request
+                raise asyncio.CancelledError from None
         return await self._consume(*args, **kwargs)
 
     def _decided(self) -> Guard | None:
@@ -169,6 +183,10 @@ class AsyncGate(_Gate):
             if guard.tracker.decision is not None:
                 return guard
         return None
+
+
+def _where(service: object) -> str:
+    return f" in {getattr(service, 'identity', service)!s}"
 
 
 def install_gate(instance: object, guard: Guard) -> bool:
@@ -211,7 +229,10 @@ def start_service(service: object, guard: Guard) -> None:
     if karton_config is not None:
         options = config.from_karton(karton_config, os.environ)
         guard.configure(guard.settings.merged(options))
-    guard.log_start(service, f" in {getattr(service, 'identity', service)!s}")
+    if not _is_async_consumer(service):
+        # An async service logs through a queue that it empties into Redis only
+        # after connecting, so its gate logs this line on the first intake instead.
+        guard.log_start(service, _where(service))
     if guard.enabled:
         guard.tracker.start_clock()
         install_gate(service, guard)
@@ -235,7 +256,15 @@ def prepare_service_class(owner: type, guard: Guard) -> None:
         @functools.wraps(loop)
         async def async_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
             start_service(self, guard)
-            return await loop(self, *args, **kwargs)
+            gate = self.__dict__.get("_memwatch_gate")
+            if isinstance(gate, AsyncGate):
+                gate.loop_wrapped = True
+            try:
+                return await loop(self, *args, **kwargs)
+            except asyncio.CancelledError:
+                if isinstance(gate, AsyncGate) and gate.exit_request is not None:
+                    raise gate.exit_request from None
+                raise
 
         owner.loop = async_loop  # type: ignore[attr-defined]
     else:

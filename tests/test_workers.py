@@ -40,8 +40,9 @@ class Run:
 
 
 def run_worker(settings: dict[str, Any], env: dict[str, str] | None = None) -> Run:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("MEMWATCH_ENABLED", None) if env is None else None
+    # Options set in the caller's environment must not leak into the worker.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MEMWATCH_")}
+    full_env = {**inherited, **(env or {})}
     completed = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(settings)],
         capture_output=True,
@@ -268,3 +269,20 @@ def _logged_baseline(run: Run) -> int:
     match = re.search(r"baseline (\d+\.\d) MiB", run.stderr)
     assert match, run.stderr
     return int(float(match.group(1)) * MIB)
+
+
+def test_environment_overrides_decorator() -> None:
+    run = run_worker(
+        {"rules": {"max_tasks": 100}, "calls": 10},
+        env={"MEMWATCH_MAX_TASKS": "3", "MEMWATCH_BEHAVIOR": "exit_1"},
+    )
+    assert run.code == 1, run.stderr
+    assert run.numbers("call") == [1, 2, 3]
+    assert "from configuration: max_tasks=3, behavior=EXIT_1" in run.stderr
+
+
+def test_environment_removing_last_rule_fails_at_decoration() -> None:
+    run = run_worker({"rules": {"max_tasks": 100}, "calls": 10}, env={"MEMWATCH_MAX_TASKS": "off"})
+    assert run.code == 1
+    assert "ValueError: at least one restart rule must be set" in run.stderr
+    assert run.numbers("call") == []
