@@ -8,7 +8,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-SOURCES = ["memwatch", "tests", "demo", "noxfile.py"]
+SOURCES = ["memwatch", "tests", "demo", "benchmarks", "noxfile.py"]
 
 
 @nox.session(python=PYTHON)
@@ -38,3 +38,13 @@ def demo(session: nox.Session) -> None:
     """Run the demo: a leaking karton consumer restarted by memwatch on a real karton stack."""
     session.install("-e", ".[stack]")
     session.run("python", "-m", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Measure memwatch's cost per call, footprint and karton throughput; ``-- --quick`` is short.
+
+    karton-memory-watcher is installed here only, as the baseline to compare with.
+    """
+    session.install("-e", ".[stack]", "karton-memory-watcher==1.0.2")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -73,7 +73,9 @@ def sync_timer(function: Callable[[], object]) -> Timer:
     return run
 
 
-def async_timer(loop: asyncio.AbstractEventLoop, function: Callable[[], Awaitable[object]]) -> Timer:
+def async_timer(
+    loop: asyncio.AbstractEventLoop, function: Callable[[], Awaitable[object]]
+) -> Timer:
     """Return a timer that awaits ``function()`` in a loop inside one task of ``loop``."""
 
     async def drive(calls: int) -> int:
@@ -109,9 +111,7 @@ def baseline_of(subject: Subject) -> str:
     return "async-bare" if subject.is_async else "bare"
 
 
-def run_micro(
-    subjects: Mapping[str, Subject], rounds: int, seconds: float
-) -> dict[str, MicroRow]:
+def run_micro(subjects: Mapping[str, Subject], rounds: int, seconds: float) -> dict[str, MicroRow]:
     """Time every subject in ``rounds`` interleaved rounds of about ``seconds`` each.
 
     :param seconds: target duration of one subject's measurement in one round
@@ -120,9 +120,9 @@ def run_micro(
     loop = asyncio.new_event_loop()
     try:
         timers = {
-            key: async_timer(loop, subject.function) if subject.is_async else sync_timer(
-                subject.function
-            )
+            key: async_timer(loop, subject.function)
+            if subject.is_async
+            else sync_timer(subject.function)
             for key, subject in subjects.items()
         }
         calls = {key: calibrate(timer, seconds) for key, timer in timers.items()}
@@ -136,9 +136,7 @@ def run_micro(
                 samples[key].append(timers[key](calls[key]) / calls[key] / 1000)
     finally:
         loop.close()
-    return {
-        key: _row(subject, calls[key], samples, subjects) for key, subject in subjects.items()
-    }
+    return {key: _row(subject, calls[key], samples, subjects) for key, subject in subjects.items()}
 
 
 def _overheads(key: str, samples: Mapping[str, list[float]], base: str) -> list[float]:

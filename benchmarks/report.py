@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from benchmarks.footprint import FootprintRun
+from benchmarks.footprint import WARM_UP_CALLS, FootprintRun
 from benchmarks.micro import MicroRow
 from benchmarks.stats import summarize
 from benchmarks.throughput import VARIANTS, StackResult
@@ -15,7 +15,12 @@ MIB = 1024 * 1024
 
 #: The targets on the cost per call: subject, upper or lower bound on its ratio, wording.
 RATIO_TARGETS = (
-    ("memory", "at most", 1.25, "memwatch extra_mb guard: overhead <= 1.25 x (wrapt no-op + pread)"),
+    (
+        "memory",
+        "at most",
+        1.25,
+        "memwatch extra_mb guard: overhead <= 1.25 x (wrapt no-op + pread)",
+    ),
     ("kmw-hooks", "at least", 12.0, "karton-memory-watcher hook pair >= 12 x memwatch extra_mb"),
     ("count-time", "at most", 1.3, "memwatch count/time guard: overhead <= 1.3 x wrapt no-op"),
 )
@@ -45,9 +50,11 @@ def micro_section(rows: Mapping[str, MicroRow], rounds: int) -> list[str]:
     lines = [
         "## Cost per call",
         "",
-        f"{rounds} interleaved rounds. Overhead: µs per call minus the bare call's (the bare",
-        "`await` for async rows) in the same round. Ratio: overhead divided by the reference's",
-        "overhead in the same round; median and range over the rounds.",
+        (
+            f"{rounds} interleaved rounds. Overhead: µs per call minus the bare call's (the bare "
+            "`await` for async rows) in the same round. Ratio: overhead divided by the "
+            "reference's overhead in the same round; median and range over the rounds."
+        ),
         "",
     ]
     table = []
@@ -78,14 +85,18 @@ def micro_section(rows: Mapping[str, MicroRow], rounds: int) -> list[str]:
     return [*lines, *_table(header, table), ""]
 
 
-def footprint_section(runs: Mapping[str, Sequence[FootprintRun]], labels: Mapping[str, str]) -> list[str]:
+def footprint_section(
+    runs: Mapping[str, Sequence[FootprintRun]], labels: Mapping[str, str]
+) -> list[str]:
     """Return the table of RSS growth."""
     lines = [
         "## RSS growth",
         "",
-        "Each run is a fresh interpreter: 10,000 warm-up calls, then the calls below. Growth is",
-        "the RSS after the calls minus the RSS before them; peak is the largest growth seen",
-        "after any tenth of the calls.",
+        (
+            f"Each run is a fresh interpreter: {WARM_UP_CALLS:,} warm-up calls, then the calls "
+            "below. Growth: the RSS after the calls minus the RSS before them. Peak: the largest "
+            "growth seen after any tenth of the calls."
+        ),
         "",
     ]
     table = []
@@ -107,9 +118,13 @@ def stack_section(result: StackResult) -> list[str]:
     lines = [
         "## karton stack",
         "",
-        f"{result.tasks:,} tasks per consumer and round, {len(result.rounds)} round(s); the guarded",
-        f"consumer exits after every {result.restart_every} tasks. Tasks per second from the end",
-        "of the first task to the end of the last; busy: with the restart gaps left out.",
+        (
+            f"{result.tasks:,} tasks per consumer and round, {len(result.rounds)} round(s). The "
+            f"guarded consumer exits after every {result.restart_every} tasks. Tasks per second: "
+            "from the end of the first task to the end of the last. Busy: the same with the "
+            "restart gaps left out. Restart gap: from the last task of one worker process to "
+            "the first task of the next."
+        ),
         "",
     ]
     table = []
@@ -183,7 +198,9 @@ def ratio_verdicts(rows: Mapping[str, MicroRow]) -> list[Verdict]:
             verdicts.append(Verdict(text, "-", "not measured"))
             continue
         inside = [
-            ratio for ratio in row.ratios if (ratio <= limit if bound == "at most" else ratio >= limit)
+            ratio
+            for ratio in row.ratios
+            if (ratio <= limit if bound == "at most" else ratio >= limit)
         ]
         met = row.ratio.median <= limit if bound == "at most" else row.ratio.median >= limit
         measured = (

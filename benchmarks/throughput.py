@@ -23,6 +23,7 @@ out and every restart of the guarded one counts.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def wait_for_queues(backend: KartonBackend, identities: Sequence[str], count: in
             return
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"karton-system did not route {count} tasks to every consumer within 120 s: {queued}"
+                f"karton-system did not route {count} tasks to every consumer within 120 s "
+                f"(tasks queued by identity: {queued})"
             )
         time.sleep(0.2)
 
@@ -155,7 +157,7 @@ def restart_gaps(records: Sequence[RssRecord]) -> list[float]:
     for record in records:
         by_pid.setdefault(record.pid, []).append(record.time)
     spans = sorted((min(times), max(times)) for times in by_pid.values())
-    return [later[0] - earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)]
+    return [later[0] - earlier[1] for earlier, later in itertools.pairwise(spans)]
 
 
 class StackBenchmark:

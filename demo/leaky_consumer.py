@@ -19,6 +19,7 @@ from karton.core import Consumer, Task
 
 from demo.pipeline import TASK_TYPE
 from memwatch import RestartBehavior, RestartRule, implant_watcher, restart_when
+from memwatch.reexec import generation
 
 #: Memory kept alive for the whole process: the leak.
 _leaked: list[bytearray] = []
@@ -76,6 +77,10 @@ class LeakyConsumer(Consumer):
             "time": time.time(),
             "sample_size": sample_size,
             "raised": raises,
+            # Re-executed images keep the PID; these tell them apart and show that
+            # no descriptor leaks from one image into the next.
+            "generation": generation(),
+            "open_fds": len(os.listdir("/proc/self/fd")),
         }
         # Appending each line in one write() call keeps the lines of worker
         # processes that run at once apart, on a local file system.
@@ -112,6 +117,7 @@ def command(
     extra_mb: float | None,
     rss_log: Path,
     exit_code: int = 0,
+    reexec_in_place: bool = False,
     crash_every: int = 0,
     max_tasks: int | None = None,
     max_seconds: float | None = None,
@@ -132,6 +138,7 @@ def command(
         f"--leak-kib={leak_kib}",
         f"--rss-log={rss_log}",
         f"--exit-code={exit_code}",
+        *(["--reexec"] if reexec_in_place else []),
         f"--crash-every={crash_every}",
     ]
     if extra_mb is not None:
@@ -185,6 +192,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max-tasks", type=int, help="restart after this many tasks in one process"
     )
     parser.add_argument(
+        "--reexec",
+        action="store_true",
+        help="restart in place (RestartBehavior.REEXEC) instead of exiting",
+    )
+    parser.add_argument(
         "--max-seconds", type=float, help="restart after this many seconds in one process"
     )
     parser.add_argument(
@@ -229,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Build the consumer from the command line and run its loop until SIGTERM."""
     args = parse_args(argv)
     behavior = RestartBehavior.EXIT_0 if args.exit_code == 0 else RestartBehavior.EXIT_1
+    if args.reexec:
+        behavior = RestartBehavior.REEXEC
 
     if args.mode == "async":
         from demo.async_consumer import run_async_consumer

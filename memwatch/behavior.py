@@ -28,6 +28,9 @@ class RestartBehavior(enum.Enum):
     EXIT_1 = 2
     #: Only log the decision and keep running, to tune limits on a live worker.
     DRY_RUN = 3
+    #: Replace the process in place with a fresh interpreter running the same
+    #: command line: same PID and container, no supervisor needed.
+    REEXEC = 4
 
     @property
     def exit_code(self) -> int | None:
@@ -149,10 +152,20 @@ def exit_process(code: int, logger: logging.Logger) -> NoReturn:
     hard_exit(code)
 
 
-def hard_exit(code: int) -> NoReturn:
-    """Flush the logs and standard streams, then end the process at once with ``code``."""
+def flush_logs() -> None:
+    """Flush every logging handler and the standard streams, keeping them open."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            with contextlib.suppress(Exception):
+                handler.flush()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, OSError, ValueError):
             stream.flush()
+
+
+def hard_exit(code: int) -> NoReturn:
+    """Flush the logs and standard streams, then end the process at once with ``code``."""
+    flush_logs()
     logging.shutdown()
     os._exit(code)

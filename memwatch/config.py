@@ -103,7 +103,7 @@ OPTIONS: dict[str, Option] = {
         Option("extra_mb", "MiB", "unset", "restart once RSS grew this much", _limit()),
         Option("extra_percent", "%", "unset", "restart once RSS grew this share", _limit()),
         Option("max_rss_mb", "MiB", "unset", "restart once RSS reaches this", _limit()),
-        Option("behavior", "", "exit_0", "exit_0, exit_1 or dry_run", _behavior),
+        Option("behavior", "", "exit_0", "exit_0, exit_1, dry_run or reexec", _behavior),
         Option("enabled", "", "true", "false turns the guard off", parse_bool),
         Option(
             "idle_check_seconds",

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from . import karton
+from . import karton, reexec
 from .behavior import (
     Decision,
     RestartBehavior,
@@ -98,6 +98,9 @@ class Guard:
             text = f"memwatch: the guard of {subject} is disabled by enabled=false"
         elif self.settings.overrides:
             text += f" (from configuration: {describe_overrides(self.settings.overrides)})"
+        previous = reexec.previous_decision()
+        if previous is not None:
+            text += f"; generation {reexec.generation()}, re-executed after: {previous}"
         self.logger_for(instance).info("%s", text)
 
     # The call cycle.
@@ -225,7 +228,9 @@ class Guard:
         logger.info("memwatch: %s; %s", decision.describe(), self._plan(gated))
 
     def _plan(self, gated: bool) -> str:
-        if isinstance(self.behavior, RestartBehavior):
+        if self.behavior is RestartBehavior.REEXEC:
+            action = "re-executing in place"
+        elif isinstance(self.behavior, RestartBehavior):
             action = f"exiting with code {self.behavior.exit_code}"
         else:
             action = f"calling {callback_name(self.behavior)}"
@@ -259,6 +264,9 @@ class Guard:
         logger = self.logger_for(instance)
         run_before_exit(self.before_exit, logger)
         behavior = self.behavior
+        if behavior is RestartBehavior.REEXEC:
+            tracker.release(reexec.FALLBACK_EXIT_CODE)
+            reexec.reexec(decision.describe(), logger)
         if isinstance(behavior, RestartBehavior):
             code = behavior.exit_code
             if code is not None:

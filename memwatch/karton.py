@@ -140,9 +140,10 @@ class AsyncGate(_Gate):
         super().__init__(service)
         self.in_flight = 0
         #: Set when the service's ``loop`` is wrapped by :func:`prepare_service_class`,
-        #: which turns a cancelled loop back into this exit.
+        #: which carries out the exit once karton's loop has shut down.
         self.loop_wrapped = False
-        self.exit_request: SystemExit | None = None
+        #: The guard whose decision ends the process after the loop shut down.
+        self.ending: Guard | None = None
         self._consume = service.backend.consume_routed_task
         self._internal_process = service.internal_process
         service.backend.consume_routed_task = self._consume_routed_task
@@ -167,15 +168,13 @@ class AsyncGate(_Gate):
         if pending is not None:
             while self.in_flight > 0:
                 await asyncio.sleep(_DRAIN_POLL_SECONDS)
-            try:
+            if not self.loop_wrapped:
                 pending.end_from_gate(self._service)
-            except SystemExit as exit_request:
-                if not self.loop_wrapped:
-                    raise
+            else:
                 # Leave through karton's own shutdown path, so that its log handler
-                # and Redis connections close while the event loop still runs.
-                self.exit_request = exit_request
-                raise asyncio.CancelledError from None
+                # sends its queue to Redis while the event loop still runs.
+                self.ending = pending
+                raise asyncio.CancelledError
         return await self._consume(*args, **kwargs)
 
     def _decided(self) -> Guard | None:
@@ -262,9 +261,10 @@ def prepare_service_class(owner: type, guard: Guard) -> None:
             try:
                 return await loop(self, *args, **kwargs)
             except asyncio.CancelledError:
-                if isinstance(gate, AsyncGate) and gate.exit_request is not None:
-                    raise gate.exit_request from None
-                raise
+                if not isinstance(gate, AsyncGate) or gate.ending is None:
+                    raise
+                gate.ending.end_from_gate(self)
+                return None
 
         owner.loop = async_loop  # type: ignore[attr-defined]
     else:

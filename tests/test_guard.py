@@ -198,3 +198,26 @@ def test_memory_read_failure_keeps_count_rules(
     assert "cannot read this process's memory" in warnings[0]
     assert "denied" in warnings[0]
     assert [d.rule for d in decisions] == ["max_tasks"]
+
+
+def test_reexec_failure_falls_back_to_exit_1(
+    mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No real process makes execve fail on demand for a valid interpreter, so it is mocked.
+    execve = mocker.patch("os.execve", side_effect=OSError(8, "Exec format error"))
+
+    @restart_when(max_tasks=1, behavior=RestartBehavior.REEXEC)
+    def job() -> None:
+        pass
+
+    job()
+    with caplog.at_level(logging.INFO, logger="memwatch"), pytest.raises(SystemExit) as caught:
+        job()
+    assert caught.value.code == 1
+    execve.assert_called_once()
+    environment = execve.call_args.args[2]
+    assert environment["_MEMWATCH_GENERATION"] == "2"
+    assert (
+        "restart rule max_tasks tripped after task 1" in environment["_MEMWATCH_PREVIOUS_DECISION"]
+    )
+    assert "Exec format error; exiting with code 1 instead" in caplog.text

@@ -286,3 +286,31 @@ def test_environment_removing_last_rule_fails_at_decoration() -> None:
     assert run.code == 1
     assert "ValueError: at least one restart rule must be set" in run.stderr
     assert run.numbers("call") == []
+
+
+def test_reexec_restarts_in_place() -> None:
+    run = run_worker(
+        {"rules": {"max_tasks": 3}, "behavior": "REEXEC", "calls": 10, "last_generation": 3}
+    )
+    assert run.code == 0, run.stderr
+    generations = [line for line in run.lines if line.startswith("generation")]
+    pids = {line.split()[3] for line in generations}
+    assert [line.split()[1] for line in generations] == ["1", "2", "3"]
+    assert len(pids) == 1
+    # Generations 1 and 2 each ran three calls, then re-executed before the fourth.
+    assert run.numbers("call") == [1, 2, 3, 1, 2, 3]
+    assert run.lines[-1] == "finished"
+    assert run.stderr.count("re-executing in place") == 2
+    assert (
+        "generation 2, re-executed after: restart rule max_tasks tripped after task 3" in run.stderr
+    )
+
+
+def test_reexec_without_command_line_exits_1() -> None:
+    run = run_worker(
+        {"rules": {"max_tasks": 2}, "behavior": "REEXEC", "calls": 10, "no_orig_argv": True}
+    )
+    assert run.code == 1, run.stderr
+    assert run.numbers("call") == [1, 2]
+    assert "cannot re-execute: sys.orig_argv is empty" in run.stderr
+    assert "exiting with code 1 instead" in run.stderr

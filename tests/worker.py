@@ -34,6 +34,7 @@ from typing import Any
 from memwatch import Decision, RestartBehavior, restart_when
 from memwatch.decorator import guard_of
 from memwatch.memory import default_reader
+from memwatch.reexec import generation
 
 SETTINGS: dict[str, Any] = json.loads(sys.argv[1])
 KEPT: list[bytearray] = []
@@ -189,6 +190,13 @@ def run_fork(calls: int) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    emit(f"generation {generation()} pid {os.getpid()}")
+    if generation() >= SETTINGS.get("last_generation", sys.maxsize):
+        emit("finished")
+        return
+    if SETTINGS.get("no_orig_argv"):
+        # What an embedded interpreter looks like to memwatch: no command line to re-run.
+        sys.orig_argv = []
     emit(f"baseline {rss()}")
     calls = int(SETTINGS.get("calls", 10))
     concurrency = int(SETTINGS.get("concurrency", 4))
