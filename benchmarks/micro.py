@@ -2,9 +2,9 @@
 
 Each round times every subject once, in an order rotated by one each round, so
 that a slow spell of the machine touches every subject alike. A subject's
-overhead in a round is its time per call minus the bare call's time (the bare
-``await`` for async subjects) in the same round, and its ratio is that overhead
-divided by its reference subject's overhead in the same round.
+overhead in a round is its time per call minus the time of its bare call (a
+plain call, a method call or an ``await``) in the same round, and its ratio is
+that overhead divided by its reference subject's overhead in the same round.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ REFERENCES = {
     "count-time": "wrapt",
     "all": "wrapt+statm",
     "memwatch-hooks": "wrapt+statm",
+    "method-memory": "method-wrapt",
     "async-memory": "async-wrapt",
     "kmw-hooks": "memory",
 }
@@ -106,11 +107,6 @@ def calibrate(timer: Timer, seconds: float) -> int:
     return int(min(max(rounded, MIN_CALLS), MAX_CALLS))
 
 
-def baseline_of(subject: Subject) -> str:
-    """Return the key of the bare call subtracted from ``subject``'s time."""
-    return "async-bare" if subject.is_async else "bare"
-
-
 def run_micro(subjects: Mapping[str, Subject], rounds: int, seconds: float) -> dict[str, MicroRow]:
     """Time every subject in ``rounds`` interleaved rounds of about ``seconds`` each.
 
@@ -150,13 +146,14 @@ def _row(
     subjects: Mapping[str, Subject],
 ) -> MicroRow:
     key = subject.key
-    base = baseline_of(subject)
-    overhead = None if key == base else summarize(_overheads(key, samples, base))
+    base = subject.baseline
+    overhead = None if base is None else summarize(_overheads(key, samples, base))
     reference = REFERENCES.get(key)
     ratios: tuple[float, ...] = ()
-    if reference is not None and reference in samples:
+    their_base = None if reference is None else subjects[reference].baseline
+    if base is not None and reference is not None and their_base is not None:
         mine = _overheads(key, samples, base)
-        theirs = _overheads(reference, samples, baseline_of(subjects[reference]))
+        theirs = _overheads(reference, samples, their_base)
         ratios = tuple(a / b for a, b in zip(mine, theirs, strict=True))
     else:
         reference = None

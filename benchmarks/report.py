@@ -51,9 +51,9 @@ def micro_section(rows: Mapping[str, MicroRow], rounds: int) -> list[str]:
         "## Cost per call",
         "",
         (
-            f"{rounds} interleaved rounds. Overhead: µs per call minus the bare call's (the bare "
-            "`await` for async rows) in the same round. Ratio: overhead divided by the "
-            "reference's overhead in the same round; median and range over the rounds."
+            f"{rounds} interleaved rounds. Overhead: µs per call minus the bare call of the same "
+            "kind (function, method or `await`) in the same round. Ratio: overhead divided by "
+            "the reference's overhead in the same round; median and range over the rounds."
         ),
         "",
     ]

@@ -6,8 +6,10 @@ the wrapping alone. memwatch's limits are set so high that no rule ever trips.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ class Subject:
     #: Takes no arguments; for an async subject it returns the awaitable to await.
     function: Callable[[], Any]
     is_async: bool = False
+    #: The bare call whose time is subtracted to get the overhead; ``None`` for the bare calls.
+    baseline: str | None = "bare"
 
 
 def noop() -> None:
@@ -55,6 +59,25 @@ async def _async_passthrough(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     return await wrapped(*args, **kwargs)
+
+
+def _method_noop(self: object) -> None:
+    """Do nothing, as a method."""
+
+
+class Service:
+    """A class whose methods stand for karton's ``Consumer.process``."""
+
+    plain = _method_noop
+    with_wrapt = wrapt.decorator(_passthrough)(_method_noop)
+    with_memwatch = restart_when(extra_mb=NEVER)(_method_noop)
+
+
+def _method_call(name: str) -> Callable[[], None]:
+    # karton looks ``process`` up on the service for every task, so each call binds
+    # the method again; methodcaller does that without a Python frame of its own.
+    call: Callable[[], None] = functools.partial(operator.methodcaller(name), Service())
+    return call
 
 
 class StatmReader:
@@ -125,7 +148,7 @@ def build_subjects() -> dict[str, Subject]:
     """Build every subject, by key; karton-memory-watcher's only when it is installed."""
     statm = StatmReader()
     subjects = [
-        Subject("bare", "bare call", noop),
+        Subject("bare", "bare call", noop, baseline=None),
         Subject("wrapt", "no-op wrapt wrapper", wrapt.decorator(_passthrough)(noop)),
         Subject("statm", "statm pread, parsed", statm.read),
         Subject("wrapt+statm", "no-op wrapt wrapper + statm pread", _wrapt_with_statm(statm)),
@@ -152,18 +175,33 @@ def build_subjects() -> dict[str, Subject]:
             "memwatch RestartRule hook pair",
             _hook_pair(RestartRule(extra_consumed_megabytes=NEVER)),
         ),
-        Subject("async-bare", "async: bare await", async_noop, is_async=True),
+        Subject("method-bare", "method: bare call", _method_call("plain"), baseline=None),
+        Subject(
+            "method-wrapt",
+            "method: no-op wrapt wrapper",
+            _method_call("with_wrapt"),
+            baseline="method-bare",
+        ),
+        Subject(
+            "method-memory",
+            "method: memwatch extra_mb",
+            _method_call("with_memwatch"),
+            baseline="method-bare",
+        ),
+        Subject("async-bare", "async: bare await", async_noop, is_async=True, baseline=None),
         Subject(
             "async-wrapt",
             "async: no-op wrapt wrapper",
             wrapt.decorator(_async_passthrough)(async_noop),
             is_async=True,
+            baseline="async-bare",
         ),
         Subject(
             "async-memory",
             "async: memwatch extra_mb",
             restart_when(extra_mb=NEVER)(async_noop),
             is_async=True,
+            baseline="async-bare",
         ),
     ]
     found = karton_memory_watcher_rule()

@@ -9,7 +9,8 @@ import logging
 
 from .behavior import Decision, RestartBehavior
 from .compat import MemoryWatcherExitException, RestartRule
-from .decorator import ENABLED_VARIABLE, restart_when
+from .decorator import ENABLED_VARIABLE, restart_when, stats
+from .growth import Stats
 from .karton import implant_watcher
 from .rules import Snapshot, Trip
 
@@ -22,10 +23,12 @@ __all__ = [
     "RestartBehavior",
     "RestartRule",
     "Snapshot",
+    "Stats",
     "Trip",
     "__version__",
     "implant_watcher",
     "restart_when",
+    "stats",
 ]
 
 # A library adds only a NullHandler: the application decides where logs go.

@@ -6,8 +6,10 @@ import contextlib
 import enum
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -122,27 +124,81 @@ def callback_name(callback: object) -> str:
     return str(name) if name else repr(callback)
 
 
-def run_before_exit(callbacks: Sequence[Callable[[], object]], logger: logging.Logger) -> None:
-    """Run the before-exit callbacks in order; one that raises is logged and the rest still run."""
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:
-            logger.exception(
-                "memwatch: before-exit callback %s raised; the exit goes on",
-                callback_name(callback),
-            )
+def run_before_exit(
+    callbacks: Sequence[Callable[[], object]], logger: logging.Logger, timeout: float
+) -> None:
+    """Run the before-exit callbacks in order, for ``timeout`` seconds in all at most.
+
+    One that raises is logged and the rest still run. They run in a daemon thread,
+    so that one that hangs cannot keep the process from exiting: after ``timeout``
+    the exit goes on and the log names the callback still running.
+    """
+    if not callbacks:
+        return
+    running: list[str] = []
+
+    def run_all() -> None:
+        for callback in callbacks:
+            running[:] = [callback_name(callback)]
+            try:
+                callback()
+            except BaseException:
+                logger.exception(
+                    "memwatch: before-exit callback %s raised; the exit goes on",
+                    callback_name(callback),
+                )
+        running.clear()
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run_all, name="memwatch-before-exit", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        logger.error(
+            "memwatch: before-exit callback %s still running after %.1f s "
+            "(before_exit_timeout=%g); exiting without waiting for it",
+            running[0] if running else "?",
+            time.monotonic() - started,
+            timeout,
+        )
 
 
-def exit_process(code: int, logger: logging.Logger) -> NoReturn:
+def shield_exit_from_signals(logger: logging.Logger) -> None:
+    """Let SIGTERM and SIGINT that arrive during memwatch's exit path only log.
+
+    The process is already on its way out with the configured code; a second
+    stop request must not interrupt the callbacks or run them twice. Only the
+    main thread can set signal handlers, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def note(signum: int, frame: object) -> None:
+        logger.info(
+            "memwatch: %s received while the process is exiting; the exit goes on",
+            signal.Signals(signum).name,
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, note)
+
+
+def exit_process(code: int, logger: logging.Logger, grace: float = 0.0) -> NoReturn:
     """End the whole process with ``code``.
 
     In the main thread this raises :class:`SystemExit`, so ``finally`` blocks,
     karton's task bookkeeping and ``atexit`` handlers run. In any other thread
     ``SystemExit`` would end only that thread, so the logs are flushed and the
     process ends with :func:`os._exit`.
+
+    :param grace: seconds the process may still run after the ``SystemExit``
+        (``finally`` blocks, other threads); past that, something swallowed the
+        exit and the process ends with :func:`os._exit`. 0 waits forever.
     """
     if threading.current_thread() is threading.main_thread():
+        if grace > 0:
+            _start_exit_timer(code, logger, grace)
         raise SystemExit(code)
     logger.info(
         "memwatch: ending the process from thread %s with os._exit(%d)",
@@ -150,6 +206,25 @@ def exit_process(code: int, logger: logging.Logger) -> NoReturn:
         code,
     )
     hard_exit(code)
+
+
+def _start_exit_timer(code: int, logger: logging.Logger, grace: float) -> None:
+    def expire() -> None:
+        logger.warning(
+            "memwatch: the process still runs %g s after exiting with code %d "
+            "(something caught SystemExit or a thread keeps it alive); "
+            "ending it with os._exit(%d)",
+            grace,
+            code,
+            code,
+        )
+        hard_exit(code)
+
+    timer = threading.Timer(grace, expire)
+    timer.name = "memwatch-exit-timer"
+    # A daemon timer dies with a process that ends normally.
+    timer.daemon = True
+    timer.start()
 
 
 def flush_logs() -> None:

@@ -130,7 +130,7 @@ class RestartRule:
         """Log ``reason``, run the before-exit callbacks and exit, as the original did."""
         logger = self._guard.logger_for(self._consumer)
         logger.info("memwatch: restarting: %s", reason)
-        run_before_exit(self.call_before_exit, logger)
+        run_before_exit(self.call_before_exit, logger, self._guard.settings.before_exit_timeout)
         code = self.restart_behavior.exit_code
         if code is not None:
             raise SystemExit(code)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .behavior import Behavior, RestartBehavior
 from .rules import RULE_TYPES, Rule, build_rules, check_limit
+from .validate import check_number
 
 #: A value that removes a rule the decorator set, for example ``max_tasks = off``.
 REMOVED = "off"
@@ -95,6 +96,26 @@ def parse_bool(name: str, value: object) -> object:
     raise ValueError(f"{name} must be one of 1, true, yes, on, 0, false, no, off, got {value!r}")
 
 
+def _ranged(
+    integer: bool = False, removable: bool = False, **bounds: Any
+) -> Callable[[str, object], object]:
+    def parse(name: str, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if removable and text.lower() in _REMOVED_WORDS:
+                return None
+            if not text:
+                raise ValueError(f"{name} must not be empty")
+            try:
+                value = float(text)
+            except ValueError:
+                check_number(name, text, integer=integer, **bounds)
+        number = check_number(name, value, integer=integer, **bounds)
+        return int(number) if integer else number
+
+    return parse
+
+
 OPTIONS: dict[str, Option] = {
     option.name: option
     for option in (
@@ -111,6 +132,43 @@ OPTIONS: dict[str, Option] = {
             "5",
             "how often an idle karton consumer checks the rules",
             _seconds,
+        ),
+        Option("warmup", "tasks", "0", "tasks before the baseline is taken", _ranged(True, low=0)),
+        Option(
+            "jitter",
+            "share",
+            "0",
+            "each process lowers its limits by a random share up to this",
+            _ranged(low=0, high=1, high_inclusive=False),
+        ),
+        Option("reclaim", "", "true", "try gc and malloc_trim before a restart", parse_bool),
+        Option(
+            "min_lifetime_seconds",
+            "seconds",
+            "60",
+            "least lifetime when a ceiling is below the start-up footprint",
+            _ranged(low=0),
+        ),
+        Option(
+            "report_every",
+            "tasks",
+            "off",
+            "tasks between two growth reports",
+            _ranged(True, removable=True, low=1),
+        ),
+        Option(
+            "before_exit_timeout",
+            "seconds",
+            "5",
+            "how long the before-exit callbacks may take in all",
+            _ranged(low=0, low_inclusive=False),
+        ),
+        Option(
+            "exit_timeout",
+            "seconds",
+            "30",
+            "after this, a process that caught the exit is ended; 0 never",
+            _ranged(low=0),
         ),
     )
 }
@@ -187,6 +245,9 @@ def describe_overrides(options: Mapping[str, Any]) -> str:
 
 #: Seconds between two rule checks of an idle karton consumer, unless configured.
 DEFAULT_IDLE_CHECK_SECONDS = 5.0
+DEFAULT_MIN_LIFETIME_SECONDS = 60.0
+DEFAULT_BEFORE_EXIT_TIMEOUT = 5.0
+DEFAULT_EXIT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +259,20 @@ class Settings:
     behavior: Behavior = RestartBehavior.EXIT_0
     enabled: bool = True
     idle_check_seconds: float = DEFAULT_IDLE_CHECK_SECONDS
+    #: Tasks before the baseline is taken; memory rules wait for it.
+    warmup: int = 0
+    #: Share (0 to 1) by which each process lowers its limits, drawn at random.
+    jitter: float = 0.0
+    #: Whether a tripped memory rule first tries gc.collect() and malloc_trim().
+    reclaim: bool = True
+    #: Seconds a process lives at least when a ceiling is below its start-up footprint.
+    min_lifetime_seconds: float = DEFAULT_MIN_LIFETIME_SECONDS
+    #: Tasks between two growth reports; ``None`` reports nothing.
+    report_every: int | None = None
+    #: Seconds the before-exit callbacks may take in all.
+    before_exit_timeout: float = DEFAULT_BEFORE_EXIT_TIMEOUT
+    #: Seconds the process may take to end after memwatch raised SystemExit; 0 waits forever.
+    exit_timeout: float = DEFAULT_EXIT_TIMEOUT
     #: Names to show instead of memwatch's own, for karton-memory-watcher's API.
     names: Mapping[str, str] = field(default_factory=dict)
     #: The options that came from configuration, for the start-up log line.

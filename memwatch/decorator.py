@@ -12,7 +12,14 @@ import wrapt
 
 from . import config, karton
 from .behavior import Behavior, RestartBehavior, check_behavior, check_callbacks
-from .config import DEFAULT_IDLE_CHECK_SECONDS, Settings
+from .config import (
+    DEFAULT_BEFORE_EXIT_TIMEOUT,
+    DEFAULT_EXIT_TIMEOUT,
+    DEFAULT_IDLE_CHECK_SECONDS,
+    DEFAULT_MIN_LIFETIME_SECONDS,
+    Settings,
+)
+from .growth import Stats
 from .guard import Guard
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +44,14 @@ def restart_when(
     before_exit: Callable[[], object] | Iterable[Callable[[], object]] = (),
     logger: logging.Logger | None = None,
     enabled: bool | None = None,
+    warmup: int = 0,
+    jitter: float = 0.0,
+    reclaim: bool = True,
+    min_lifetime_seconds: float = DEFAULT_MIN_LIFETIME_SECONDS,
+    report_every: int | None = None,
+    idle_check_seconds: float = DEFAULT_IDLE_CHECK_SECONDS,
+    before_exit_timeout: float = DEFAULT_BEFORE_EXIT_TIMEOUT,
+    exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
 ) -> Callable[[F], F]:
     """Restart the process, right after a guarded call, once a rule trips.
 
@@ -59,6 +74,21 @@ def restart_when(
         service (default: the ``memwatch`` logger)
     :param enabled: ``False`` returns the function unguarded; ``None`` reads the
         ``MEMWATCH_ENABLED`` environment variable (default: enabled)
+    :param warmup: take the baseline after this many calls instead of before the
+        first; memory rules wait for it (default 0)
+    :param jitter: each process lowers its limits by a random share in
+        ``[0, jitter)``, so that replicas started together do not restart together
+    :param reclaim: when a memory rule trips, run ``gc.collect()`` and glibc's
+        ``malloc_trim(0)`` first and restart only if still over (default ``True``)
+    :param min_lifetime_seconds: when a ceiling is below the footprint at start, the
+        process still lives this long, so that it does not restart in a loop (default 60)
+    :param report_every: log the growth summary every this many calls (default off)
+    :param idle_check_seconds: how often an idle karton consumer checks the rules
+        (default 5)
+    :param before_exit_timeout: seconds the before-exit callbacks may take in all
+        (default 5)
+    :param exit_timeout: seconds the process may take to end after memwatch raised
+        ``SystemExit``; then it is ended with ``os._exit``; 0 waits forever (default 30)
     :raises ValueError: when no rule is set or a limit is out of range
     :raises TypeError: when an argument has the wrong type
     """
@@ -78,11 +108,24 @@ def restart_when(
         "extra_percent": extra_percent,
         "max_rss_mb": max_rss_mb,
     }
+    options: dict[str, Any] = {
+        "warmup": warmup,
+        "jitter": jitter,
+        "reclaim": reclaim,
+        "min_lifetime_seconds": min_lifetime_seconds,
+        "report_every": report_every,
+        "idle_check_seconds": idle_check_seconds,
+        "before_exit_timeout": before_exit_timeout,
+        "exit_timeout": exit_timeout,
+    }
+    for name, value in options.items():
+        if value is not None:
+            options[name] = _check_argument(name, value)
     arguments = Settings(
         limits=limits,
         behavior=check_behavior(behavior),
         enabled=True if enabled is None else enabled,
-        idle_check_seconds=DEFAULT_IDLE_CHECK_SECONDS,
+        **options,
     )
     # Validate the arguments on their own first, so that an error names the argument.
     arguments.rules()
@@ -107,6 +150,23 @@ def restart_when(
         return decorated
 
     return decorate
+
+
+def _check_argument(name: str, value: object) -> object:
+    # The option parsers also read strings from config files; an argument must be
+    # of its own type.
+    if isinstance(value, str):
+        raise TypeError(f"{name} must not be a string, got {value!r}")
+    return config.OPTIONS[name].parse(name, value)
+
+
+def stats(function: Callable[..., Any]) -> Stats:
+    """Return the figures of a function guarded by :func:`restart_when` in this process:
+    tasks, uptime, RSS, baseline, growth and its rates, the decision, reclaiming.
+
+    :raises TypeError: when ``function`` is not guarded
+    """
+    return guard_of(function).stats()
 
 
 class GuardedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]

@@ -21,16 +21,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from . import karton, reexec
+from . import checker, karton, reexec
 from .behavior import (
-    Decision,
     RestartBehavior,
     callback_name,
     exit_process,
     hard_exit,
     run_before_exit,
+    shield_exit_from_signals,
 )
 from .config import Settings, describe_overrides
+from .growth import Stats, rates
 from .memory import to_mib
 from .rules import Snapshot
 from .tracker import Tracker
@@ -68,6 +69,9 @@ class Guard:
         self.behavior = settings.behavior
         self.enabled = settings.enabled
         self.read_memory = any(rule.needs_memory for rule in rules)
+        self.tracker.baseline_at_start = not settings.warmup
+        # Limits drawn for the old settings no longer apply.
+        self.tracker.rules = None
 
     def logger_for(self, instance: object) -> logging.Logger:
         """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
@@ -213,19 +217,34 @@ class Guard:
             logger.debug("memwatch: %s", _describe_task(snapshot))
         if tracker.decision is not None:
             return
-        trips = tuple(trip for rule in self.rules if (trip := rule.check(snapshot)))
-        if not trips:
-            return
-        decision = Decision(trips, snapshot, task_raised=raised, idle=idle)
-        if self.behavior is RestartBehavior.DRY_RUN:
-            if decision.rule not in tracker.reported:
-                tracker.reported.add(decision.rule)
-                logger.info("memwatch: %s; dry run, the process keeps running", decision.describe())
-            return
-        if not tracker.set_decision(decision):
+        decision = checker.decide(self, snapshot, raised, idle, logger)
+        if decision is None or not tracker.set_decision(decision):
             return
         gated = karton.install_gate(instance, self)
         logger.info("memwatch: %s; %s", decision.describe(), self._plan(gated))
+
+    def stats(self) -> Stats:
+        """Return this guard's figures in this process."""
+        tracker = self.tracker
+        rss = tracker.last_rss
+        baseline = tracker.baseline
+        snapshot = tracker.snapshot(False)
+        hours = (snapshot.uptime - tracker.baseline_uptime) / 3600
+        per_task, per_hour = rates(rss, baseline, tracker.tasks - tracker.baseline_tasks, hours)
+        decision = tracker.decision
+        return Stats(
+            tasks=tracker.tasks,
+            uptime=snapshot.uptime,
+            rss=rss,
+            baseline=baseline,
+            growth=None if rss is None or baseline is None else rss - baseline,
+            growth_per_task=per_task,
+            growth_per_hour=per_hour,
+            decision=None if decision is None else decision.describe(),
+            reclaim_seconds=tracker.reclaimer.seconds,
+            reclaimed=tracker.reclaimer.reclaimed,
+            deferrals=tracker.deferrals,
+        )
 
     def _plan(self, gated: bool) -> str:
         if self.behavior is RestartBehavior.REEXEC:
@@ -262,7 +281,8 @@ class Guard:
         if decision is None:  # pragma: no cover - the decision is stored before any claim
             return
         logger = self.logger_for(instance)
-        run_before_exit(self.before_exit, logger)
+        shield_exit_from_signals(logger)
+        run_before_exit(self.before_exit, logger, self.settings.before_exit_timeout)
         behavior = self.behavior
         if behavior is RestartBehavior.REEXEC:
             tracker.release(reexec.FALLBACK_EXIT_CODE)
@@ -271,7 +291,7 @@ class Guard:
             code = behavior.exit_code
             if code is not None:
                 tracker.release(code)
-                exit_process(code, logger)
+                exit_process(code, logger, self.settings.exit_timeout)
         else:
             try:
                 behavior(decision)

@@ -41,6 +41,8 @@ class Trip:
     current: float
     limit: float
     unit: str
+    #: Whether the rule compares memory, so that reclaiming memory may untrip it.
+    memory: bool = False
 
     def describe(self) -> str:
         """Return ``rule current >= limit unit`` for the log line."""
@@ -96,7 +98,11 @@ class Rule:
         return f"{self.name}={_number(self.limit)} {self.unit}".rstrip()
 
     def _trip(self, current: float) -> Trip:
-        return Trip(self.name, current, self.limit, self.unit)
+        return Trip(self.name, current, self.limit, self.unit, self.needs_memory)
+
+    def scaled(self, factor: float) -> Rule:
+        """Return the same rule with its limit times ``factor`` (0 < factor <= 1), for jitter."""
+        return type(self)(self.limit * factor, self.name)
 
 
 class MaxTasks(Rule):
@@ -106,6 +112,10 @@ class MaxTasks(Rule):
 
     def __init__(self, limit: object, name: str = "max_tasks") -> None:
         super().__init__(limit, name, integer=True)
+
+    def scaled(self, factor: float) -> Rule:
+        # Rounded down, so that a drawn count is never above the configured one.
+        return MaxTasks(max(1, math.floor(self.limit * factor)), self.name)
 
     def check(self, snapshot: Snapshot) -> Trip | None:
         if snapshot.tasks >= self.limit:

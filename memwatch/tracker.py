@@ -14,7 +14,8 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .memory import RssReader, default_reader
-from .rules import Snapshot
+from .reclaim import Reclaimer
+from .rules import Rule, Snapshot
 
 if TYPE_CHECKING:
     from .behavior import Decision
@@ -25,6 +26,8 @@ class Tracker:
 
     def __init__(self, reader: RssReader | None = None) -> None:
         self._reader = reader
+        #: Whether :meth:`start` takes the baseline; not with a warm-up, which takes it later.
+        self.baseline_at_start = True
         self._reset()
         _trackers.add(self)
 
@@ -46,6 +49,18 @@ class Tracker:
         #: ``time.monotonic()`` when the idle checks last saw :attr:`tasks` change.
         self.idle_since: float | None = None
         self.idle_tasks = 0
+        #: This process's rules, with its own jitter drawn, once checked.
+        self.rules: tuple[Rule, ...] | None = None
+        #: Tasks done and uptime when the baseline was taken, for the growth rates.
+        self.baseline_tasks = 0
+        self.baseline_uptime = 0.0
+        #: The last RSS read, for the stats.
+        self.last_rss: int | None = None
+        self.reclaimer = Reclaimer()
+        #: Whether a ceiling is below the start-up footprint, once the first check told.
+        self.storm: bool | None = None
+        #: Restarts put off because the fleet's restart slots were taken.
+        self.deferrals = 0
         #: The decision that ends this process, once a rule has tripped.
         self.decision: Decision | None = None
         #: Rules already logged in dry-run mode, each logged once per process.
@@ -72,7 +87,7 @@ class Tracker:
         with self._lock:
             if self.started:
                 return
-            if read_memory:
+            if read_memory and self.baseline_at_start:
                 self.baseline = self.reader.read()
             self._start_clock()
             self.started = True

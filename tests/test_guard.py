@@ -163,7 +163,7 @@ def test_debug_line_per_task(caplog: pytest.LogCaptureFixture) -> None:
 def test_exit_raises_system_exit_before_next_call() -> None:
     calls: list[int] = []
 
-    @restart_when(max_tasks=2, behavior=RestartBehavior.EXIT_1)
+    @restart_when(max_tasks=2, behavior=RestartBehavior.EXIT_1, exit_timeout=0)
     def job(value: int) -> int:
         calls.append(value)
         return value

@@ -15,7 +15,8 @@ class Echo(Karton):
     identity = "memwatch.test.echo"
     filters = [{"type": "echo"}]  # noqa: RUF012 (karton reads the class attribute)
 
-    @restart_when(max_tasks=1, behavior=RestartBehavior.EXIT_1)
+    # exit_timeout=0: the test catches the exit, which must not end pytest later.
+    @restart_when(max_tasks=1, behavior=RestartBehavior.EXIT_1, exit_timeout=0)
     def process(self, task: Task) -> None:
         self.send_task(Task({"type": "echoed", "n": task.headers["n"]}))
 

@@ -1,0 +1,170 @@
+"""From a snapshot to a decision: warm-up, jitter, reclaim, the restart storm guard, reports.
+
+:func:`decide` is the one place where a guard turns what it measured after a task
+(or while idle) into "restart now" or "not yet", and logs why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from .behavior import Decision, RestartBehavior, describe_state
+from .growth import describe_report
+from .memory import to_mib
+from .rules import MaxRss, Rule, Snapshot, Trip
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+# Each process draws its own jittered limits; a fresh generator per draw keeps a
+# forked child from repeating its parent's draw.
+_random = random.SystemRandom()
+
+
+def decide(
+    guard: Guard, snapshot: Snapshot, raised: bool, idle: bool, logger: logging.Logger
+) -> Decision | None:
+    """Return the decision that ends this process, or ``None`` to keep running."""
+    tracker = guard.tracker
+    rules = active_rules(guard, snapshot, logger)
+    report(guard, rules, snapshot, logger)
+    trips = _trips(rules, snapshot)
+    if trips and any(trip.memory for trip in trips) and guard.settings.reclaim:
+        snapshot, trips = _reclaim(guard, rules, snapshot, trips, logger)
+    if not trips:
+        return None
+    if _in_storm(guard, rules, snapshot, logger):
+        return None
+    decision = Decision(trips, snapshot, task_raised=raised, idle=idle)
+    if guard.behavior is RestartBehavior.DRY_RUN:
+        if decision.rule not in tracker.reported:
+            tracker.reported.add(decision.rule)
+            logger.info("memwatch: %s; dry run, the process keeps running", decision.describe())
+        return None
+    return decision
+
+
+def _trips(rules: tuple[Rule, ...], snapshot: Snapshot) -> tuple[Trip, ...]:
+    return tuple(trip for rule in rules if (trip := rule.check(snapshot)))
+
+
+def active_rules(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> tuple[Rule, ...]:
+    """Return this process's rules: jittered once, and without memory rules during warm-up."""
+    tracker = guard.tracker
+    rules = tracker.rules
+    if rules is None:
+        rules = _draw(guard, logger)
+        tracker.rules = rules
+    warmup = guard.settings.warmup
+    if warmup and tracker.baseline is None:
+        if snapshot.tasks >= warmup and snapshot.rss is not None:
+            # Parsers import and cache lazily on their first tasks: measure growth
+            # from the footprint they settle at, not from before their first task.
+            tracker.baseline = snapshot.rss
+            tracker.baseline_tasks = snapshot.tasks
+            tracker.baseline_uptime = snapshot.uptime
+            logger.info(
+                "memwatch: baseline %.1f MiB taken after warm-up task %d",
+                to_mib(snapshot.rss),
+                snapshot.tasks,
+            )
+        return tuple(rule for rule in rules if not rule.needs_memory)
+    return rules
+
+
+def _draw(guard: Guard, logger: logging.Logger) -> tuple[Rule, ...]:
+    jitter = guard.settings.jitter
+    if not jitter:
+        return guard.rules
+    drawn = tuple(rule.scaled(_random.uniform(1 - jitter, 1)) for rule in guard.rules)
+    logger.info(
+        "memwatch: jitter %g drew this process's limits: %s",
+        jitter,
+        ", ".join(rule.describe() for rule in drawn),
+    )
+    return drawn
+
+
+def report(
+    guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot, logger: logging.Logger
+) -> None:
+    """Log the growth summary every ``report_every`` tasks."""
+    every = guard.settings.report_every
+    tracker = guard.tracker
+    if snapshot.rss is not None:
+        tracker.last_rss = snapshot.rss
+    if not every or snapshot.tasks == 0 or snapshot.tasks % every:
+        return
+    if snapshot.rss is None or snapshot.baseline is None:
+        return
+    tasks = snapshot.tasks - tracker.baseline_tasks
+    hours = (snapshot.uptime - tracker.baseline_uptime) / 3600
+    logger.info(
+        "memwatch: report after task %d: %s",
+        snapshot.tasks,
+        describe_report(rules, snapshot.rss, snapshot.baseline, tasks, hours),
+    )
+
+
+def _reclaim(
+    guard: Guard,
+    rules: tuple[Rule, ...],
+    snapshot: Snapshot,
+    trips: tuple[Trip, ...],
+    logger: logging.Logger,
+) -> tuple[Snapshot, tuple[Trip, ...]]:
+    reclaimer = guard.tracker.reclaimer
+    if not reclaimer.allowed() or snapshot.rss is None:
+        return snapshot, trips
+    took = reclaimer.attempt()
+    after = guard.tracker.reader.read()
+    if after is None:
+        return snapshot, trips
+    freed = max(snapshot.rss - after, 0)
+    reclaimer.reclaimed += freed
+    snapshot = dataclasses.replace(snapshot, rss=after)
+    trips = _trips(rules, snapshot)
+    logger.info(
+        "memwatch: reclaiming memory gave back %.1f MiB in %.1f ms (rss %.1f -> %.1f MiB); %s",
+        to_mib(freed),
+        took * 1000,
+        to_mib(snapshot.rss or 0) + to_mib(freed),
+        to_mib(after),
+        "still over a limit" if trips else "back under every limit, no restart",
+    )
+    return snapshot, trips
+
+
+def _in_storm(
+    guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot, logger: logging.Logger
+) -> bool:
+    """Return whether a restart must wait because the limits would restart in a loop.
+
+    A ceiling below the footprint the process had before its first task trips in
+    every new process right away. Such a process keeps working until it has lived
+    ``min_lifetime_seconds``, so the restarts come no faster than that.
+    """
+    tracker = guard.tracker
+    minimum = guard.settings.min_lifetime_seconds
+    if tracker.storm is None:
+        below = [
+            rule
+            for rule in rules
+            if isinstance(rule, MaxRss)
+            and snapshot.baseline is not None
+            and rule.check(dataclasses.replace(snapshot, rss=snapshot.baseline))
+        ]
+        tracker.storm = bool(below)
+        if below:
+            logger.warning(
+                "memwatch: %s is below this process's footprint at start (%s): every new "
+                "process would restart right away; restarts wait until the process has "
+                "lived min_lifetime_seconds=%g s",
+                ", ".join(rule.describe() for rule in below),
+                describe_state(snapshot),
+                minimum,
+            )
+    return bool(tracker.storm) and snapshot.uptime < minimum
