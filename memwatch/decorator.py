@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -141,6 +142,7 @@ def restart_when(
             _logger.debug("memwatch: guard of %s disabled", name)
             return wrapped
         guard = Guard(settings, callbacks, logger, name=name)
+        _warn_if_blind(guard)
         if inspect.iscoroutinefunction(wrapped):
             wrapper = _async_wrapper(guard)
         else:
@@ -150,6 +152,21 @@ def restart_when(
         return decorated
 
     return decorate
+
+
+def _warn_if_blind(guard: Guard) -> None:
+    # Only memory rules and no way to read memory: the guard would never trip.
+    if not all(rule.needs_memory for rule in guard.rules):
+        return
+    reader = guard.tracker.reader
+    if reader.read() is None:
+        message = (
+            f"memwatch cannot read this process's memory ({reader.failure}), and "
+            f"{guard.name} has only memory rules: it will never restart the process; "
+            "add max_tasks or max_seconds"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        _logger.warning("memwatch: %s", message)
 
 
 def _check_argument(name: str, value: object) -> object:

@@ -21,9 +21,11 @@ callbacks: ``ok1``, ``ok2``, ``raising``), ``enabled`` and ``concurrency``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from memwatch import Decision, RestartBehavior, restart_when
+from memwatch import Decision, RestartBehavior, restart_when, stats
 from memwatch.decorator import guard_of
 from memwatch.memory import default_reader
 from memwatch.reexec import generation
@@ -58,6 +60,15 @@ def make_callback(name: str) -> Any:
         emit(f"before_exit {name}")
         if name == "raising":
             raise RuntimeError("callback failed on purpose")
+        if name == "exiting":
+            sys.exit(5)
+        if name == "hanging":
+            time.sleep(3600)
+        if name == "sigterm":
+            # The supervisor's stop request arrives while memwatch's exit runs.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+            emit("before_exit sigterm survived")
 
     callback.__qualname__ = f"callback_{name}"
     return callback
@@ -75,6 +86,7 @@ def build_decorator() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         behavior=behavior,
         before_exit=[make_callback(n) for n in SETTINGS.get("before_exit", [])],
         enabled=SETTINGS.get("enabled"),
+        **SETTINGS.get("options", {}),
     )
 
 
@@ -83,11 +95,28 @@ LEAK_BYTES = int(SETTINGS.get("leak_mib", 0) * 1024 * 1024)
 SLEEP = float(SETTINGS.get("sleep", 0))
 
 
+GARBAGE_BYTES = int(SETTINGS.get("garbage_mib", 0) * 1024 * 1024)
+FIRST_CALL_BYTES = int(SETTINGS.get("first_call_mib", 0) * 1024 * 1024)
+
+
+class Cycle:
+    """Memory that only the cyclic garbage collector frees."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(b"\x01") * size
+        self.me = self
+
+
 def work(number: int) -> int:
     emit(f"body {number}")
     if LEAK_BYTES:
         # Multiplying writes every byte, so the pages are really resident.
         KEPT.append(bytearray(b"\x01") * LEAK_BYTES)
+    if GARBAGE_BYTES:
+        Cycle(GARBAGE_BYTES)
+    if number == 1 and FIRST_CALL_BYTES:
+        # A parser's lazily built cache: large once, then stable.
+        KEPT.append(bytearray(b"\x01") * FIRST_CALL_BYTES)
     if SLEEP:
         time.sleep(SLEEP)
     if SETTINGS.get("mode") == "raise" and number == SETTINGS.get("raise_at"):
@@ -133,6 +162,12 @@ def run_sync(calls: int) -> None:
         except ValueError:
             emit(f"caught {number} ValueError")
             continue
+        except BaseException as exc:
+            if not SETTINGS.get("swallow"):
+                raise
+            # What a bare except: around the call does to memwatch's exit.
+            emit(f"swallowed {number} {type(exc).__name__}")
+            continue
         assert result == number
         after_call(number)
 
@@ -162,6 +197,24 @@ def run_threads(calls: int, concurrency: int) -> None:
             range(1, calls + 1), pool.map(guarded_work, range(1, calls + 1)), strict=True
         ):
             assert result == number
+
+
+def run_burst(threads: int) -> None:
+    """Call the guard from many threads at once, each call ending at the same moment."""
+    barrier = threading.Barrier(threads)
+
+    def one(number: int) -> None:
+        barrier.wait()
+        guarded_work(number)
+        emit(f"call {number} returned")
+        # Every thread calls again: the exit must happen once, whichever call carries it.
+        guarded_work(number + threads)
+
+    workers = [threading.Thread(target=one, args=(n,)) for n in range(1, threads + 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
 
 
 def run_one_thread(calls: int) -> None:
@@ -197,6 +250,9 @@ def main() -> None:
     if SETTINGS.get("no_orig_argv"):
         # What an embedded interpreter looks like to memwatch: no command line to re-run.
         sys.orig_argv = []
+    if SETTINGS.get("gc_disabled"):
+        # Only an explicit gc.collect(), such as memwatch's reclaim, frees the cycles.
+        gc.disable()
     emit(f"baseline {rss()}")
     calls = int(SETTINGS.get("calls", 10))
     concurrency = int(SETTINGS.get("concurrency", 4))
@@ -209,11 +265,21 @@ def main() -> None:
         run_threads(calls, concurrency)
     elif mode == "thread":
         run_one_thread(calls)
+    elif mode == "burst":
+        run_burst(concurrency)
     elif mode == "fork":
         run_fork(calls)
     else:
         run_sync(calls)
+    if SETTINGS.get("print_stats"):
+        figures = stats(guarded_work)
+        emit(
+            f"stats tasks {figures.tasks} growth {figures.growth} "
+            f"per_task {figures.growth_per_task} decision {figures.decision}"
+        )
     emit("finished")
+    # A process that goes on after its calls, as a service whose loop caught the exit.
+    time.sleep(float(SETTINGS.get("linger", 0)))
 
 
 if __name__ == "__main__":

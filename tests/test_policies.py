@@ -1,0 +1,142 @@
+"""Warm-up, jitter, reclaim, the restart storm guard and growth reports, in real workers."""
+
+from __future__ import annotations
+
+import re
+
+from tests.test_workers import MIB, run_worker
+
+
+def test_warmup_ignores_first_call_cache() -> None:
+    # A 40 MiB cache built on the first call trips extra_mb=20 at once without warm-up.
+    settings = {"rules": {"extra_mb": 20}, "first_call_mib": 40, "calls": 8, "behavior": "EXIT_1"}
+    cold = run_worker(settings)
+    assert cold.code == 1, cold.stderr
+    assert cold.numbers("call") == [1]
+
+    warm = run_worker({**settings, "options": {"warmup": 1}})
+    assert warm.code == 0, warm.stderr
+    assert "finished" in warm.lines
+    assert "baseline" in warm.stderr
+    assert "taken after warm-up task 1" in warm.stderr
+
+
+def test_warmup_then_growth_trips() -> None:
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 20},
+            "first_call_mib": 40,
+            "leak_mib": 8,
+            "calls": 20,
+            "options": {"warmup": 2},
+        }
+    )
+    assert run.code == 0, run.stderr
+    # Baseline after call 2; 8 MiB a call reaches 20 MiB after three more.
+    assert run.numbers("call") == [1, 2, 3, 4, 5]
+
+
+def test_jitter_spreads_limits_across_processes() -> None:
+    drawn: list[int] = []
+    for _ in range(10):
+        run = run_worker({"rules": {"max_tasks": 100}, "options": {"jitter": 0.5}, "calls": 1})
+        assert run.code == 0, run.stderr
+        match = re.search(
+            r"jitter 0.5 drew this process's limits: max_tasks=(\d+) tasks", run.stderr
+        )
+        assert match, run.stderr
+        drawn.append(int(match.group(1)))
+    assert all(50 <= limit <= 100 for limit in drawn)
+    assert max(drawn) - min(drawn) >= 10, drawn
+
+
+def test_jittered_limit_is_the_one_enforced() -> None:
+    run = run_worker({"rules": {"max_tasks": 20}, "options": {"jitter": 0.5}, "calls": 40})
+    assert run.code == 0, run.stderr
+    match = re.search(r"drew this process's limits: max_tasks=(\d+) tasks", run.stderr)
+    assert match, run.stderr
+    limit = int(match.group(1))
+    assert 10 <= limit <= 20
+    assert run.numbers("call") == list(range(1, limit + 1))
+
+
+def test_reclaim_avoids_restart_for_garbage() -> None:
+    settings = {
+        "rules": {"extra_mb": 30},
+        "garbage_mib": 8,
+        "gc_disabled": True,
+        "calls": 7,
+        "behavior": "EXIT_1",
+    }
+    reclaimed = run_worker(settings)
+    assert reclaimed.code == 0, reclaimed.stderr
+    assert "finished" in reclaimed.lines
+    assert "back under every limit, no restart" in reclaimed.stderr
+
+    kept = run_worker({**settings, "options": {"reclaim": False}})
+    assert kept.code == 1, kept.stderr
+    assert kept.numbers("call") == [1, 2, 3, 4]
+
+
+def test_reclaim_that_does_not_help_still_restarts() -> None:
+    run = run_worker({"rules": {"extra_mb": 30}, "leak_mib": 8, "calls": 10, "behavior": "EXIT_1"})
+    assert run.code == 1, run.stderr
+    assert "still over a limit" in run.stderr
+    assert run.numbers("call") == [1, 2, 3, 4]
+
+
+def test_ceiling_below_footprint_waits_for_lifetime() -> None:
+    run = run_worker(
+        {
+            "rules": {"max_rss_mb": 5},
+            "options": {"min_lifetime_seconds": 1.5},
+            "sleep": 0.1,
+            "calls": 200,
+        }
+    )
+    assert run.code == 0, run.stderr
+    assert run.stderr.count("is below this process's footprint at start") == 1
+    assert "restarts wait until the process has lived min_lifetime_seconds=1.5 s" in run.stderr
+    # 0.1 s a call: the process lived 1.5 s, about 15 calls, not one.
+    assert len(run.numbers("call")) >= 14
+    assert "restart rule max_rss_mb tripped" in run.stderr
+
+
+def test_report_estimates_tasks_until_trip() -> None:
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 200},
+            "leak_mib": 2,
+            "calls": 20,
+            "options": {"report_every": 10, "reclaim": False},
+        }
+    )
+    assert run.code == 0, run.stderr
+    reports = re.findall(
+        r"report after task (\d+): .*extra_mb trips in about (\d+) tasks", run.stderr
+    )
+    assert [int(task) for task, _ in reports] == [10, 20]
+    # 2 MiB a task: after 20 tasks about 160 MiB are left, about 80 tasks.
+    remaining = int(reports[-1][1])
+    assert 70 <= remaining <= 90
+
+
+def test_stats_expose_growth() -> None:
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 10_000},
+            "leak_mib": 4,
+            "calls": 5,
+            "options": {"reclaim": False},
+            "print_stats": True,
+        }
+    )
+    assert run.code == 0, run.stderr
+    line = next(line for line in run.lines if line.startswith("stats "))
+    figures = dict(zip(line.split()[1::2], line.split()[2::2], strict=True))
+    assert figures["tasks"] == "5"
+    assert figures["decision"] == "None"
+    growth = int(figures["growth"])
+    per_task = float(figures["per_task"])
+    assert 18 * MIB <= growth <= 24 * MIB
+    assert 3.5 * MIB <= per_task <= 4.8 * MIB
