@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -89,13 +90,31 @@ BehaviorCallable = Callable[[Decision], object]
 Behavior = RestartBehavior | BehaviorCallable
 
 
+def _accepts(function: object, arguments: int) -> bool:
+    """Return whether ``function`` can be called with this many positional arguments."""
+    try:
+        signature = inspect.signature(function)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        # Builtins without a signature: let them through rather than reject a good one.
+        return True
+    try:
+        signature.bind(*([None] * arguments))
+    except TypeError:
+        return False
+    return True
+
+
 def check_behavior(behavior: object, name: str = "behavior") -> Behavior:
     """Validate a behaviour argument and return it."""
-    if isinstance(behavior, RestartBehavior) or (
-        callable(behavior) and not isinstance(behavior, type)
-    ):
+    if isinstance(behavior, RestartBehavior):
         return behavior
     choices = ", ".join(f"RestartBehavior.{member.name}" for member in RestartBehavior)
+    if callable(behavior) and not isinstance(behavior, type):
+        if _accepts(behavior, 1):
+            return behavior
+        raise TypeError(
+            f"{name}={behavior!r} must take one argument, the Decision; or use one of {choices}"
+        )
     raise TypeError(
         f"{name} must be one of {choices} or a callable that takes the decision, got {behavior!r}"
     )
@@ -104,18 +123,26 @@ def check_behavior(behavior: object, name: str = "behavior") -> Behavior:
 def check_callbacks(
     callbacks: object, name: str = "before_exit"
 ) -> tuple[Callable[[], object], ...]:
-    """Validate before-exit callbacks: one callable or an iterable of callables."""
-    if callable(callbacks):
-        return (callbacks,)
-    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+    """Validate before-exit callbacks: one callable or a sequence of callables taking no
+    arguments."""
+    if callable(callbacks) and not isinstance(callbacks, type):
+        checked: tuple[object, ...] = (callbacks,)
+        label = name
+    elif isinstance(callbacks, (str, bytes, Mapping, type)) or not isinstance(callbacks, Iterable):
         raise TypeError(f"{name} must be a callable or a sequence of callables, got {callbacks!r}")
-    checked = tuple(callbacks)
+    else:
+        checked = tuple(callbacks)
+        label = f"{name}[{{index}}]"
     for index, callback in enumerate(checked):
-        if not callable(callback):
+        where = label.format(index=index)
+        if not callable(callback) or isinstance(callback, type):
+            raise TypeError(f"{where} must be a callable taking no arguments, got {callback!r}")
+        if not _accepts(callback, 0):
             raise TypeError(
-                f"{name}[{index}] must be a callable taking no arguments, got {callback!r}"
+                f"{where} must be a callable taking no arguments, got {callback!r}, "
+                "which needs arguments"
             )
-    return checked
+    return checked  # type: ignore[return-value]
 
 
 def callback_name(callback: object) -> str:

@@ -10,9 +10,11 @@ longer keeps the process from exiting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import config
 from .behavior import RestartBehavior, check_callbacks, run_before_exit
 from .config import Settings
 from .guard import Guard
@@ -67,6 +69,9 @@ class RestartRule:
             names=_ORIGINAL_NAMES,
         )
         settings.rules()
+        # MEMWATCH_* variables apply here as to @restart_when, MEMWATCH_ENABLED included.
+        settings = settings.merged(config.from_environment(os.environ))
+        settings.rules()
         self.call_before_exit = check_callbacks(call_before_exit, "call_before_exit")
         self.rule_proceed_tasks = proceed_tasks
         self.rule_elapsed_time = elapsed_time
@@ -111,6 +116,8 @@ class RestartRule:
 
     def pre_hook_behavior(self, *args: Any, **kwargs: Any) -> None:
         """Take the baseline and the start time before the first task."""
+        if not self._guard.enabled:
+            return
         self._guard.hold_if_pending(self._consumer)
         self._guard.tracker.start(self._guard.read_memory)
         self.prehooked = True

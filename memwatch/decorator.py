@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import wrapt
@@ -135,8 +136,19 @@ def restart_when(
     callbacks = check_callbacks(before_exit)
 
     def decorate(wrapped: F) -> F:
+        if isinstance(wrapped, classmethod):
+            raise TypeError(
+                "restart_when cannot wrap a classmethod object: put @restart_when below "
+                "@classmethod, next to the function"
+            )
         if not callable(wrapped):
             raise TypeError(f"restart_when can only guard a callable, got {wrapped!r}")
+        if inspect.isgeneratorfunction(wrapped) or inspect.isasyncgenfunction(wrapped):
+            raise TypeError(
+                f"restart_when cannot guard the generator function {wrapped!r}: calling it "
+                "only creates the generator, and its body runs later, unguarded; guard "
+                "the function that consumes it"
+            )
         name = getattr(wrapped, "__qualname__", repr(wrapped))
         if not settings.enabled:
             _logger.debug("memwatch: guard of %s disabled", name)
@@ -210,15 +222,25 @@ def guard_of(function: Callable[..., Any]) -> Guard:
 
 
 def _sync_wrapper(guard: Guard) -> Callable[..., Any]:
+    # Only the outermost call is a task: a guarded function that calls itself (or
+    # is called from its own body) runs the inner calls unguarded, so that they
+    # neither count nor wait for the outer call to finish.
+    depth: ContextVar[bool] = ContextVar(f"memwatch-{guard.name}", default=False)
+
     def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if depth.get():
+            return wrapped(*args, **kwargs)
         guard.before_call(instance)
+        token = depth.set(True)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException:
+            depth.reset(token)
             guard.after_call(instance, raised=True)
             raise
+        depth.reset(token)
         guard.after_call(instance, raised=False)
         return result
 
@@ -226,15 +248,22 @@ def _sync_wrapper(guard: Guard) -> Callable[..., Any]:
 
 
 def _async_wrapper(guard: Guard) -> Callable[..., Any]:
+    depth: ContextVar[bool] = ContextVar(f"memwatch-{guard.name}", default=False)
+
     async def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if depth.get():
+            return await wrapped(*args, **kwargs)
         await guard.before_call_async(instance)
+        token = depth.set(True)
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException:
+            depth.reset(token)
             guard.after_call(instance, raised=True)
             raise
+        depth.reset(token)
         guard.after_call(instance, raised=False)
         return result
 

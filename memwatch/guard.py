@@ -162,9 +162,11 @@ class Guard:
         Unless the exit is left to a karton loop or the call raised, a tripped rule
         ends the process right here, as karton-memory-watcher's post-hook did.
         """
+        if not self.enabled:
+            return
         try:
             snapshot = self.tracker.record(self.read_memory)
-            self._check(snapshot, instance, raised)
+            self._check(snapshot, instance, raised, immediate=not raised)
         except Exception:
             self.logger_for(instance).exception("memwatch: checking the rules failed")
             return
@@ -202,7 +204,12 @@ class Guard:
             self.logger_for(instance).exception("memwatch: checking the rules while idle failed")
 
     def _check(
-        self, snapshot: Snapshot, instance: object, raised: bool, idle: bool = False
+        self,
+        snapshot: Snapshot,
+        instance: object,
+        raised: bool,
+        idle: bool = False,
+        immediate: bool = False,
     ) -> None:
         logger = self.logger_for(instance)
         tracker = self.tracker
@@ -221,7 +228,11 @@ class Guard:
         if decision is None or not tracker.set_decision(decision):
             return
         gated = karton.install_gate(instance, self)
-        logger.info("memwatch: %s; %s", decision.describe(), self._plan(gated))
+        if karton.shutting_down(instance):
+            plan = "karton is already shutting down on a signal, and its own exit goes on"
+        else:
+            plan = self._plan(gated, immediate)
+        logger.info("memwatch: %s; %s", decision.describe(), plan)
 
     def stats(self) -> Stats:
         """Return this guard's figures in this process."""
@@ -246,7 +257,7 @@ class Guard:
             deferrals=tracker.deferrals,
         )
 
-    def _plan(self, gated: bool) -> str:
+    def _plan(self, gated: bool, immediate: bool) -> str:
         if self.behavior is RestartBehavior.REEXEC:
             action = "re-executing in place"
         elif isinstance(self.behavior, RestartBehavior):
@@ -255,6 +266,8 @@ class Guard:
             action = f"calling {callback_name(self.behavior)}"
         if gated:
             return f"{action} once karton has recorded the state of every task in flight"
+        if immediate:
+            return f"{action} now"
         return f"{action} when the next guarded call starts"
 
     # Ending.

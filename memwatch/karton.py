@@ -184,6 +184,11 @@ class AsyncGate(_Gate):
         return None
 
 
+def shutting_down(instance: object) -> bool:
+    """Return whether a sync karton service's own shutdown (after a signal) is under way."""
+    return _is_sync_service(instance) and getattr(instance, "__dict__", {}).get("_shutdown") is True
+
+
 def _where(service: object) -> str:
     return f" in {getattr(service, 'identity', service)!s}"
 

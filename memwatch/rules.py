@@ -7,6 +7,7 @@ snapshot once per task and every rule reads it.
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from collections.abc import Mapping
@@ -66,9 +67,12 @@ def check_limit(name: str, value: object, *, integer: bool = False) -> float:
         a whole number is expected
     """
     kind = "a positive integer" if integer else "a positive finite number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {kind} that fits a float, got {value!r}") from None
     if math.isnan(number) or math.isinf(number):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     if number <= 0:
@@ -215,6 +219,8 @@ def build_rules(limits: Mapping[str, object], names: Mapping[str, str] | None = 
         if value is not None:
             rules.append(rule_type(value, names.get(name, name)))
     if not rules:
-        accepted = ", ".join(names.get(name, name) for name in RULE_TYPES)
+        # karton-memory-watcher's API names only the rules it has.
+        shown = [name for name in RULE_TYPES if not names or name in names]
+        accepted = ", ".join(names.get(name, name) for name in shown)
         raise ValueError(f"at least one restart rule must be set: {accepted}")
     return rules

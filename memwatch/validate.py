@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 
@@ -27,9 +28,12 @@ def check_number(
     right = "]" if high_inclusive else ")"
     upper = "inf" if math.isinf(high) else f"{high:g}"
     accepted = f"{expected} in {left}{low:g}, {upper}{right}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
         raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}") from None
     too_low = number < low or (number == low and not low_inclusive)
     too_high = number > high or (number == high and not high_inclusive)
     if math.isnan(number) or math.isinf(number) or too_low or too_high:

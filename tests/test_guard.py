@@ -221,3 +221,34 @@ def test_reexec_failure_falls_back_to_exit_1(
         "restart rule max_tasks tripped after task 1" in environment["_MEMWATCH_PREVIOUS_DECISION"]
     )
     assert "Exec format error; exiting with code 1 instead" in caplog.text
+
+
+def test_recursive_guarded_function_counts_outer_call() -> None:
+    @restart_when(max_tasks=3, exit_timeout=0)
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    assert fib(10) == 55
+    assert fib(5) == 5
+    assert guard_of(fib).tracker.tasks == 2
+
+
+def test_recursive_coroutine_counts_outer_call() -> None:
+    @restart_when(max_tasks=3, exit_timeout=0)
+    async def depth(n: int) -> int:
+        return 0 if n == 0 else 1 + await depth(n - 1)
+
+    assert asyncio.run(depth(20)) == 20
+    assert guard_of(depth).tracker.tasks == 1
+
+
+def test_bound_method_and_builtin_can_be_guarded() -> None:
+    class Parser:
+        def parse(self, text: str) -> int:
+            return len(text)
+
+    guarded_parse = restart_when(max_tasks=100)(Parser().parse)
+    guarded_len = restart_when(max_tasks=100)(len)
+    assert guarded_parse("abc") == 3
+    assert guarded_len([1, 2]) == 2
+    assert guard_of(guarded_len).tracker.tasks == 1

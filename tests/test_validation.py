@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import decimal
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -138,3 +140,43 @@ def test_restart_rule_rejects_bad_callbacks() -> None:
 def test_implant_watcher_rejects_non_consumer() -> None:
     with pytest.raises(TypeError, match="needs a karton Consumer"):
         implant_watcher(object(), RestartRule(proceed_tasks=1))
+
+
+def test_huge_limit_raises_value_error() -> None:
+    with pytest.raises(ValueError, match=r"max_tasks must be a positive integer that fits a float"):
+        restart_when(max_tasks=10**400)
+
+
+def test_decimal_limit_is_accepted() -> None:
+    assert callable(restart_when(extra_mb=decimal.Decimal("500.5")))
+
+
+def test_restart_rule_lists_only_its_own_names() -> None:
+    with pytest.raises(ValueError, match="at least one restart rule") as caught:
+        RestartRule()
+    assert "max_rss_mb" not in str(caught.value)
+    assert "extra_consumed_megabytes" in str(caught.value)
+
+
+def test_behavior_without_parameter_raises() -> None:
+    with pytest.raises(TypeError, match="must take one argument, the Decision"):
+        restart_when(max_tasks=1, behavior=lambda: None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("callbacks", [int, {print: 1}, lambda reason: None, [lambda a, b: None]])
+def test_before_exit_needing_arguments_or_not_callable_raises(callbacks: Any) -> None:
+    with pytest.raises(TypeError, match="before_exit"):
+        restart_when(max_tasks=1, before_exit=callbacks)
+
+
+def test_generator_function_raises() -> None:
+    def produce() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="cannot guard the generator function"):
+        restart_when(max_tasks=1)(produce)
+
+
+def test_classmethod_above_raises_with_hint() -> None:
+    with pytest.raises(TypeError, match="put @restart_when below @classmethod"):
+        restart_when(max_tasks=1)(classmethod(lambda cls: None))  # type: ignore[type-var]
