@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import psutil
 
-#: Limits from 2**60 bytes up mean "no limit". v1 reports that as LONG_MAX rounded down to
-#: a page (9223372036854771712 with 4 KiB pages); v2 writes ``max``.
+#: Limits from 2**60 bytes up mean "no limit". v1 reports no limit as LONG_MAX rounded down
+#: to a page (9223372036854771712 with 4 KiB pages), and v2 writes ``max``.
 UNLIMITED_V1 = 2**60
 
 # memory.stat has about 40 lines on v1 and 60 on v2 (under 2 KiB with Linux 6.x).
@@ -76,7 +76,8 @@ def _parse_mountinfo(text: str) -> list[_Mount]:
 
 def _relative(path: str, root: str) -> str | None:
     """Return ``path`` relative to ``root``, or ``None`` when it lies outside."""
-    # A cgroup outside the reader's cgroup namespace shows as "/../..."; never normalize it.
+    # A cgroup outside the reader's cgroup namespace shows as "/../...", which normpath would
+    # turn into a wrong path inside it.
     if ".." in path.split("/") or ".." in root.split("/"):
         return None
     path, root = path.rstrip("/") or "/", root.rstrip("/") or "/"
@@ -103,8 +104,8 @@ def _resolve(files: _Files, path: str, mounts: list[_Mount], fs_root: str) -> li
     levels = [os.path.normpath(os.path.join(top, rel))]
     while len(levels[-1]) > len(top):
         levels.append(os.path.dirname(levels[-1]))
-    # In v2 a cgroup has memory files only when its parent enables the memory controller
-    # for its children; without them its memory is charged to the nearest ancestor with them.
+    # In v2 a cgroup has memory files only when its parent enables the memory controller for
+    # its children. Without them, its memory is charged to the nearest ancestor that has them.
     for index, directory in enumerate(levels):
         if os.path.exists(os.path.join(directory, files.usage)):
             return levels[index:]
@@ -178,7 +179,7 @@ class ContainerMemory:
     :param proc_root: directory that contains ``self/cgroup`` and ``self/mountinfo``.
     :param fs_root: directory that the mount points listed in mountinfo are relative to.
 
-    No method raises. When no memory cgroup can be read, :attr:`failure` says why,
+    No method raises. When no memory cgroup can be read, :attr:`failure` contains the reason,
     :meth:`working_set` returns ``None`` and :meth:`limit` returns the physical memory.
     """
 
@@ -198,7 +199,7 @@ class ContainerMemory:
         self.path: str | None = None
         #: Where the last limit came from, such as ``cgroup v2 /sys/fs/cgroup/a (memory.max)``.
         self.source = "physical memory"
-        #: Why the cgroup could not be read, or ``None``.
+        #: Why the detection or the last read failed, or ``None`` after a successful read.
         self.failure: str | None = None
         self._open()
         _instances.add(self)
@@ -282,10 +283,11 @@ class ContainerMemory:
         ]
         if self._files.version == 1:
             # Also covers ancestors above the mount point, which a container cannot see.
+            # NOTE: v2 has no such field, so there a limit above the mount point is missed.
             stat = os.pread(self._stat_fd, _STAT_BUFFER, 0)
-            value = _stat_value(stat, b"hierarchical_memory_limit")
+            hierarchical = _stat_value(stat, b"hierarchical_memory_limit")
             where = f"{self.path} (hierarchical_memory_limit in memory.stat)"
-            candidates.append((None if value >= UNLIMITED_V1 else value, where))
+            candidates.append((None if hierarchical >= UNLIMITED_V1 else hierarchical, where))
         limit, source = self._physical, "physical memory"
         for value, where in candidates:
             if value is not None and (limit is None or value < limit):
@@ -312,7 +314,8 @@ class ContainerMemory:
         return working_set
 
     def close(self) -> None:
-        """Close the held files; later calls behave as when no cgroup was found."""
+        """Close the held files. Later calls behave as when no cgroup was found."""
+        _instances.discard(self)
         with self._lock:
             self._close_fds()
             self.path = None
@@ -332,11 +335,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def detect(proc_root: str = "/proc", fs_root: str = "/") -> ContainerMemory:
-    """Find this process's memory cgroup and open its files.
-
-    :param proc_root: directory that contains ``self/cgroup`` and ``self/mountinfo``.
-    :param fs_root: directory that the mount points listed in mountinfo are relative to.
-    """
+    """Find this process's memory cgroup and open its files, as :class:`ContainerMemory` does."""
     return ContainerMemory(proc_root, fs_root)
 
 

@@ -10,7 +10,7 @@ never share a slot key, and no karton key starts with ``memwatch:``.
 One Lua script takes a slot: it runs atomically on the server, so K+1 replicas
 can never hold the K slots at once. The expiry is counted by the Redis server's
 clock, so the replicas' clocks do not matter. A replica that dies holding a
-slot blocks nobody for longer than ``ttl_seconds``.
+slot blocks the others for at most ``ttl_seconds``.
 
 A lease is not released when the process exits. It covers the exit, the
 supervisor's restart and the start of the new process, and it ends by its
@@ -22,8 +22,9 @@ lease in :data:`HANDOVER_VARIABLE` (:meth:`Lease.to_json`), and the new one
 can :meth:`RestartLeases.release` it once its loop has started, which frees the
 slot seconds before the expiry would.
 
-The client must fail fast: redis-py 8 retries a failed command with backoff by
-default, and karton's own client waits up to 30 s for a reply.
+The client must fail fast. redis-py 8.2 retries a failed command 10 times with
+backoff by default, and karton-core 5.9.1 gives its own client a 30 s socket
+timeout, so a Redis that stopped responding would hold up the exit for minutes.
 :func:`lease_client` builds a client with short timeouts and no retries.
 The scripts touch K keys at once, so they need a single Redis server, as karton
 uses, and not a Redis Cluster.
@@ -34,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 import secrets
 import socket
@@ -46,11 +46,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-#: Prefix of every slot key; the identity and the slot number follow.
+#: Prefix of every slot key, followed by the identity, ``:`` and the slot number.
 KEY_PREFIX = "memwatch:restart:"
 #: Environment variable that hands a lease over to the image started by ``os.execve``.
 HANDOVER_VARIABLE = "_MEMWATCH_RESTART_LEASE"
-#: Seconds a lease lasts when nobody releases it.
+#: Seconds a lease lasts unless it is released.
 DEFAULT_TTL_SECONDS = 30.0
 #: Seconds :func:`lease_client` waits to connect and for each reply.
 DEFAULT_TIMEOUT_SECONDS = 1.0
@@ -107,7 +107,8 @@ def slot_key(identity: str, slot: int) -> str:
 
 @dataclass(frozen=True)
 class Lease:
-    """A restart slot held by this process until ``ttl_seconds`` after it was taken."""
+    """A restart slot taken by this process, which expires ``ttl_seconds`` after it
+    was taken or renewed."""
 
     identity: str
     slot: int
@@ -152,13 +153,13 @@ class LeasesBusy:
 
     #: Tokens of the holders, ``hostname:pid:random hex``.
     holders: tuple[str, ...]
-    #: Seconds until the first slot expires; a holder may release it sooner.
+    #: Seconds until the first slot expires. A holder may release it sooner.
     retry_after_seconds: float
 
 
 @dataclass(frozen=True)
 class LeaseUnavailable:
-    """Redis failed, so nobody knows whether a slot is free."""
+    """Redis failed, so whether a slot is free is unknown."""
 
     #: The redis-py exception, as ``ClassName: message``.
     reason: str
@@ -223,7 +224,7 @@ class RestartLeases:
             raise TypeError(f"slots must be an integer from 1 to {MAX_SLOTS}, got {slots!r}")
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be an integer from 1 to {MAX_SLOTS}, got {slots!r}")
-        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, numbers.Real):
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise TypeError(f"ttl_seconds must be a positive finite number, got {ttl_seconds!r}")
         if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
             raise ValueError(f"ttl_seconds must be a positive finite number, got {ttl_seconds!r}")
@@ -250,9 +251,9 @@ class RestartLeases:
         It never raises for a Redis failure and blocks no longer than the
         client's timeouts allow.
 
-        :return: the lease; :class:`LeasesBusy` when other replicas hold every
-            slot; :class:`LeaseUnavailable` when Redis failed or sent a reply the
-            script cannot send
+        :return: the lease, or :class:`LeasesBusy` when other replicas hold every
+            slot, or :class:`LeaseUnavailable` when Redis failed or the reply
+            had an unexpected shape
         """
         try:
             reply = self._acquire(keys=self._keys, args=[self.token, self._ttl_milliseconds])
@@ -266,16 +267,17 @@ class RestartLeases:
 
         holders = tuple(_text(token) for token in reply[1::2] if _text(token))
         expiries = [int(pttl) for pttl in reply[2::2] if int(pttl) >= 0]
-        # A slot that expired between the SET and the PTTL is free again.
+        # PTTL is -2 for a missing key and -1 for a key without expiry, which
+        # only a writer other than this module can leave.
         retry_after = min(expiries, default=0) / 1000
         return LeasesBusy(holders, retry_after)
 
     def release(self, lease: Lease) -> bool:
         """Delete the lease's key if it still contains the lease's token.
 
-        :return: ``True`` when the key was deleted; ``False`` when the lease had
-            expired (and maybe been taken by another replica) or Redis failed,
-            which is logged as a warning
+        :return: ``True`` when the key was deleted. ``False`` when the lease had
+            expired, and maybe been taken by another replica, or when Redis
+            failed, which is logged as a warning.
         :raises ValueError: the lease belongs to another identity
         """
         return self._compare_and(self._release, "release", lease, [lease.token])
@@ -286,39 +288,39 @@ class RestartLeases:
         Use it when the exit waits long after the lease was taken, for example
         while an async consumer finishes its tasks in flight.
 
-        :return: ``True`` when the expiry was reset; ``False`` as for :meth:`release`
+        :return: ``True`` when the expiry was reset, ``False`` as for :meth:`release`
         :raises ValueError: the lease belongs to another identity
         """
-        args = [lease.token, self._ttl_milliseconds]
+        args: list[str | int] = [lease.token, self._ttl_milliseconds]
         return self._compare_and(self._renew, "renew", lease, args)
 
     def holders(self) -> list[str]:
         """Return the tokens that hold a slot now, in slot order.
 
-        :raises redis.RedisError: Redis failed; unlike the other methods, this one
-            is for logs and tests and does not hide the error
+        :raises redis.RedisError: Redis failed. Unlike the other methods, this one
+            is for logs and tests, so it does not hide the error.
         """
         values = self._client.mget(self._keys)
         return [_text(value) for value in values if value is not None]
 
-    def _compare_and(
-        self, script: Any, action: str, lease: Lease, args: list[str | int]
-    ) -> bool:
+    def _compare_and(self, script: Any, action: str, lease: Lease, args: list[str | int]) -> bool:
         if lease.identity != self.identity:
             raise ValueError(
-                f"cannot {action} a lease of identity {lease.identity!r} "
-                f"through the restart slots of {self.identity!r}"
+                f"cannot {action} a lease of identity {lease.identity!r} through the "
+                f"restart slots of {self.identity!r}: use a RestartLeases of that identity"
             )
         try:
             return bool(script(keys=[lease.key], args=args))
         except redis.RedisError as error:
             self._logger.warning(
-                "memwatch: failed to %s restart lease %s of %s: %s: %s",
+                "memwatch: failed to %s restart lease %s held by %s: %s: %s; "
+                "the lease ends by its expiry, at most %.1f s after it was taken or renewed",
                 action,
                 lease.key,
                 lease.token,
                 type(error).__name__,
                 error,
+                lease.ttl_seconds,
             )
             return False
 

