@@ -1,7 +1,7 @@
 """Run every benchmark, print the report as Markdown, and write it and the raw results.
 
-The exit status is 0 whether the targets were met or not: the report says which.
-It is 1 when a benchmark could not run.
+The exit status is 0 whether the targets were met or not, and the report shows
+which were. It is 1 when a benchmark could not run.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -98,7 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="folder for report.md, results.json and the karton logs (default bench-output/)",
     )
     parser.add_argument(
-        "--verbose", action="store_true", help="log the stack's and the loop's steps"
+        "--verbose",
+        action="store_true",
+        help="log the stack's and the restart loop's steps and memwatch's start-up lines",
     )
     args = parser.parse_args(argv)
 
@@ -124,12 +127,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log progress to standard error; the stack's own steps only with ``verbose``."""
+    """Log progress to standard error; the stack's steps and memwatch's only with ``verbose``."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
     if not verbose:
-        for name in ("demo", "karton"):
+        for name in ("demo", "karton", "memwatch"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -173,6 +176,7 @@ def run(args: argparse.Namespace) -> str:
         verdicts += stack_verdicts(stack)
 
     report += targets_section(verdicts)
+    report.append(f"Load average at the end: {os.getloadavg()[0]:.2f}.")
     text = "\n".join(report)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "report.md").write_text(text, encoding="utf-8")

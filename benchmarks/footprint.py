@@ -58,7 +58,7 @@ def measure_in_this_process(key: str, calls: int) -> FootprintRun:
     subject = subjects.get(key)
     if subject is None or subject.is_async:
         choices = ", ".join(k for k, s in subjects.items() if not s.is_async)
-        raise ValueError(f"unknown or async subject {key!r}; choose one of {choices}")
+        raise ValueError(f"subject {key!r} is unknown or async; use one of {choices}")
     call = subject.function
     statm = StatmReader()
     for _ in itertools.repeat(None, WARM_UP_CALLS):

@@ -17,7 +17,7 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Machine:
-    """Where and when the numbers were measured."""
+    """Facts about the machine and the moment that a run's numbers come from."""
 
     cpu_model: str
     cores: int
@@ -26,6 +26,8 @@ class Machine:
     date: str
     #: Git commit of the checkout, with ``+changes`` when memwatch/ differs from it.
     commit: str
+    #: One-minute load average when the run started: other work on the machine skews the times.
+    load_average: float
     packages: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -33,7 +35,8 @@ class Machine:
         versions = ", ".join(f"{name} {version}" for name, version in self.packages.items())
         return (
             f"{self.cpu_model}, {self.cores} cores; {self.python}; Linux {self.kernel}; "
-            f"{self.date}; commit {self.commit}; {versions}"
+            f"{self.date}; load average {self.load_average:.2f} at the start; "
+            f"commit {self.commit}; {versions}"
         )
 
 
@@ -94,5 +97,6 @@ def describe_machine() -> Machine:
         kernel=platform.release(),
         date=now.strftime("%Y-%m-%d %H:%M UTC"),
         commit=git_commit(),
+        load_average=os.getloadavg()[0],
         packages=package_versions(),
     )

@@ -3,8 +3,8 @@
 Each round times every subject once, in an order rotated by one each round, so
 that a slow spell of the machine touches every subject alike. A subject's
 overhead in a round is its time per call minus the time of its bare call (a
-plain call, a method call or an ``await``) in the same round, and its ratio is
-that overhead divided by its reference subject's overhead in the same round.
+plain call, a method call or an ``await``) in the same round. Its ratio is that
+overhead divided by its reference subject's overhead in the same round.
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ def calibrate(timer: Timer, seconds: float) -> int:
     while elapsed < 20_000_000 and calls < MAX_CALLS:
         calls *= 10
         elapsed = timer(calls)
-    wanted = seconds * 1e9 / max(elapsed / calls, 1.0)
-    digits = max(int(math.log10(wanted)) - 1, 0)
-    rounded = round(wanted, -digits)
+    target_calls = seconds * 1e9 / max(elapsed / calls, 1.0)
+    digits = max(int(math.log10(target_calls)) - 1, 0)
+    rounded = round(target_calls, -digits)
     return int(min(max(rounded, MIN_CALLS), MAX_CALLS))
 
 

@@ -75,7 +75,7 @@ class Service:
 
 def _method_call(name: str) -> Callable[[], None]:
     # karton looks ``process`` up on the service for every task, so each call binds
-    # the method again; methodcaller does that without a Python frame of its own.
+    # the method again. methodcaller does the same without a Python frame of its own.
     call: Callable[[], None] = functools.partial(operator.methodcaller(name), Service())
     return call
 

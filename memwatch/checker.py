@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from typing import TYPE_CHECKING
 
 from .behavior import Decision, RestartBehavior, describe_state
-from .growth import describe_report
+from .growth import describe_report, headroom
 from .memory import to_mib
-from .rules import MaxRss, Rule, Snapshot, Trip
+from .restart_slots import admit
+from .rules import (
+    ContainerLimit,
+    ExtraMemory,
+    ExtraPercent,
+    MaxRss,
+    MaxSeconds,
+    MaxTasks,
+    Rule,
+    Snapshot,
+    Trip,
+)
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -44,7 +56,8 @@ def decide(
             tracker.reported.add(decision.rule)
             logger.info("memwatch: %s; dry run, the process keeps running", decision.describe())
         return None
-    return decision
+    # With max_concurrent_restarts, wait for a restart slot of the fleet.
+    return admit(guard, decision, logger)
 
 
 def _trips(rules: tuple[Rule, ...], snapshot: Snapshot) -> tuple[Trip, ...]:
@@ -145,18 +158,13 @@ def _in_storm(
 
     A ceiling below the footprint the process had before its first task trips in
     every new process right away. Such a process keeps working until it has lived
-    ``min_lifetime_seconds``, so the restarts come no faster than that.
+    ``min_lifetime_seconds``, so the restarts come no faster than that. The ceilings
+    are ``max_rss_mb`` and ``limit_percent``.
     """
     tracker = guard.tracker
     minimum = guard.settings.min_lifetime_seconds
     if tracker.storm is None:
-        below = [
-            rule
-            for rule in rules
-            if isinstance(rule, MaxRss)
-            and snapshot.baseline is not None
-            and rule.check(dataclasses.replace(snapshot, rss=snapshot.baseline))
-        ]
+        below = [rule for rule in rules if _reached_at_start(rule, snapshot)]
         tracker.storm = bool(below)
         if below:
             logger.warning(
@@ -168,3 +176,71 @@ def _in_storm(
                 minimum,
             )
     return bool(tracker.storm) and snapshot.uptime < minimum
+
+
+def _reached_at_start(rule: Rule, snapshot: Snapshot) -> bool:
+    if isinstance(rule, ContainerLimit):
+        return rule.check_at_start(snapshot) is not None
+    return (
+        isinstance(rule, MaxRss)
+        and snapshot.baseline is not None
+        and rule.check(dataclasses.replace(snapshot, rss=snapshot.baseline)) is not None
+    )
+
+
+#: The hot path runs a full check at least every this many tasks, so that a
+#: logger switched to DEBUG gets its per-task lines within that many tasks.
+FULL_CHECK_EVERY = 256
+
+
+def set_thresholds(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> None:
+    """Set the thresholds below which the hot path skips the full check.
+
+    Each is the nearest point at which a rule could trip: the lowest task limit,
+    the earliest time limit, the lowest RSS at which a memory rule trips. A rule
+    of another kind, the storm guard or a DEBUG logger turn the hot path off.
+    """
+    tracker = guard.tracker
+    tracker.fast = False
+    rules = tracker.rules
+    if rules is None or not guard.enabled or logger.isEnabledFor(logging.DEBUG):
+        return
+    next_tasks = snapshot.tasks + FULL_CHECK_EVERY
+    every = guard.settings.report_every
+    if every:
+        next_tasks = min(next_tasks, (snapshot.tasks // every + 1) * every)
+    warmup = guard.settings.warmup
+    if warmup and tracker.baseline is None:
+        next_tasks = min(next_tasks, warmup)
+    deadline = math.inf
+    rss_limit = math.inf
+    started_at = tracker.started_at
+    for rule in rules:
+        if isinstance(rule, MaxTasks):
+            next_tasks = min(next_tasks, int(rule.limit))
+        elif isinstance(rule, MaxSeconds):
+            if started_at is None:
+                return
+            deadline = min(deadline, started_at + rule.limit)
+        elif isinstance(rule, (ExtraMemory, ExtraPercent, MaxRss)):
+            # The tracker's baseline: a warm-up may have taken it during this check.
+            baseline = tracker.baseline
+            if baseline is None:
+                continue
+            left = headroom(rule, baseline, baseline)
+            if left is None:
+                return
+            rss_limit = min(rss_limit, baseline + left)
+        else:
+            # A rule the thresholds cannot express is checked after every task.
+            return
+    if tracker.storm and started_at is not None:
+        # Over a ceiling already: only the end of the minimum lifetime changes anything.
+        deadline = min(deadline, started_at + guard.settings.min_lifetime_seconds)
+        rss_limit = math.inf
+    tracker.next_tasks = next_tasks
+    tracker.deadline = deadline
+    tracker.timed = deadline != math.inf
+    tracker.rss_limit = rss_limit
+    tracker.watch_memory = rss_limit != math.inf
+    tracker.fast = True

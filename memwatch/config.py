@@ -116,6 +116,23 @@ def _ranged(
     return parse
 
 
+_parse_percent = _ranged(low=0, low_inclusive=False, high=100)
+
+
+def _percent_limit(name: str, value: object) -> object:
+    """Parse a rule limit in percent of a whole, in (0, 100]; off removes the rule."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _REMOVED_WORDS:
+            return REMOVED
+        if not text:
+            raise ValueError(f"{name} must not be empty; use off to remove the rule")
+    return _parse_percent(name, value)
+
+
+#: Highest max_concurrent_restarts, the same as memwatch.fleet.MAX_SLOTS.
+MAX_CONCURRENT_RESTARTS = 1024
+
 OPTIONS: dict[str, Option] = {
     option.name: option
     for option in (
@@ -124,6 +141,13 @@ OPTIONS: dict[str, Option] = {
         Option("extra_mb", "MiB", "unset", "restart once RSS grew this much", _limit()),
         Option("extra_percent", "%", "unset", "restart once RSS grew this share", _limit()),
         Option("max_rss_mb", "MiB", "unset", "restart once RSS reaches this", _limit()),
+        Option(
+            "limit_percent",
+            "%",
+            "unset",
+            "restart at this share of the container's memory limit",
+            _percent_limit,
+        ),
         Option("behavior", "", "exit_0", "exit_0, exit_1, dry_run or reexec", _behavior),
         Option("enabled", "", "true", "false turns the guard off", parse_bool),
         Option(
@@ -169,6 +193,20 @@ OPTIONS: dict[str, Option] = {
             "30",
             "after this, a process that caught the exit is ended; 0 never",
             _ranged(low=0),
+        ),
+        Option(
+            "max_concurrent_restarts",
+            "replicas",
+            "off",
+            "replicas of a karton identity that may restart at once",
+            _ranged(True, removable=True, low=1, high=MAX_CONCURRENT_RESTARTS),
+        ),
+        Option(
+            "restart_lease_seconds",
+            "seconds",
+            "30",
+            "how long a restart slot stays taken unless released",
+            _ranged(low=0, low_inclusive=False),
         ),
     )
 }
@@ -248,6 +286,9 @@ DEFAULT_IDLE_CHECK_SECONDS = 5.0
 DEFAULT_MIN_LIFETIME_SECONDS = 60.0
 DEFAULT_BEFORE_EXIT_TIMEOUT = 5.0
 DEFAULT_EXIT_TIMEOUT = 30.0
+# The same value as memwatch.fleet.DEFAULT_TTL_SECONDS, repeated here because
+# memwatch.fleet imports redis-py, which plain functions never need.
+DEFAULT_RESTART_LEASE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -273,6 +314,10 @@ class Settings:
     before_exit_timeout: float = DEFAULT_BEFORE_EXIT_TIMEOUT
     #: Seconds the process may take to end after memwatch raised SystemExit; 0 waits forever.
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
+    #: Replicas of a karton identity that may restart at once; ``None`` sets no limit.
+    max_concurrent_restarts: int | None = None
+    #: Seconds a restart slot stays taken unless the next image releases it.
+    restart_lease_seconds: float = DEFAULT_RESTART_LEASE_SECONDS
     #: Names to show instead of memwatch's own, for karton-memory-watcher's API.
     names: Mapping[str, str] = field(default_factory=dict)
     #: The options that came from configuration, for the start-up log line.

@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from . import checker, karton, reexec
+from . import checker, karton, reexec, restart_slots
 from .behavior import (
     RestartBehavior,
     callback_name,
@@ -106,10 +107,35 @@ class Guard:
         if previous is not None:
             text += f"; generation {reexec.generation()}, re-executed after: {previous}"
         self.logger_for(instance).info("%s", text)
+        if self.enabled:
+            restart_slots.log_start(self, subject, self.logger_for(instance))
 
     # The call cycle.
 
-    def before_call(self, instance: object) -> None:
+    def call(
+        self,
+        wrapped: Callable[..., Any],
+        instance: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run one guarded call the full way: the first call, a pending exit, nested calls."""
+        marker = threading.get_ident()
+        if marker in self.tracker.flight:
+            # Only the outermost call is a task: a guarded function that calls itself
+            # runs its inner calls unguarded, so that they neither count nor wait
+            # for the outer call to finish.
+            return wrapped(*args, **kwargs)
+        self.before_call(instance, marker)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException:
+            self.after_call(instance, True, marker)
+            raise
+        self.after_call(instance, False, marker)
+        return result
+
+    def before_call(self, instance: object, marker: object) -> None:
         """Hold or end the process if an exit is pending, then record the call's start."""
         if not self.enabled:
             return
@@ -118,9 +144,9 @@ class Guard:
             self._first_call(instance)
         if tracker.decision is not None and not karton.install_gate(instance, self):
             self._hold(instance)
-        tracker.enter(self.read_memory)
+        tracker.enter(self.read_memory, marker)
 
-    async def before_call_async(self, instance: object) -> None:
+    async def before_call_async(self, instance: object, marker: object) -> None:
         """Do what :meth:`before_call` does without blocking the event loop."""
         if not self.enabled:
             return
@@ -134,7 +160,7 @@ class Guard:
             while not tracker.released.is_set():
                 await asyncio.sleep(_ASYNC_POLL_SECONDS)
             self._after_release()
-        tracker.enter(self.read_memory)
+        tracker.enter(self.read_memory, marker)
 
     def _first_call(self, instance: object) -> None:
         # A karton service not prepared at class creation (a guard applied after
@@ -145,15 +171,42 @@ class Guard:
         except Exception:
             self.logger_for(instance).exception("memwatch: preparing the guard failed")
 
-    def after_call(self, instance: object, raised: bool) -> None:
+    def after_call(self, instance: object, raised: bool, marker: object) -> None:
         """Record the call's end and check the rules; never raises."""
         if not self.enabled:
             return
         try:
-            snapshot = self.tracker.leave(self.read_memory)
+            tracker = self.tracker
+            tasks = tracker.leave(marker)
+            if tracker.fast and not self.may_trip(tasks):
+                return
+            snapshot = tracker.snapshot(self.read_memory, tasks=tasks, in_flight=tracker.in_flight)
             self._check(snapshot, instance, raised)
         except Exception:
             # A fault in memwatch must not fail the task: log it and keep running.
+            self.logger_for(instance).exception("memwatch: checking the rules failed")
+
+    def may_trip(self, tasks: int) -> bool:
+        """Return whether a rule may trip now, from the thresholds of the last full check."""
+        tracker = self.tracker
+        if tasks >= tracker.next_tasks:
+            return True
+        if tracker.timed and time.monotonic() >= tracker.deadline:
+            return True
+        if tracker.watch_memory:
+            rss = tracker.reader.read()
+            return rss is None or rss >= tracker.rss_limit
+        return False
+
+    def check_after_fast_call(self, instance: object, tasks: int, raised: bool = False) -> None:
+        """Check the rules after a call that the hot path ran and counted; never raises."""
+        try:
+            if raised and not self.may_trip(tasks):
+                return
+            tracker = self.tracker
+            snapshot = tracker.snapshot(self.read_memory, tasks=tasks, in_flight=tracker.in_flight)
+            self._check(snapshot, instance, raised=raised)
+        except Exception:
             self.logger_for(instance).exception("memwatch: checking the rules failed")
 
     def record(self, instance: object, raised: bool) -> None:
@@ -226,7 +279,9 @@ class Guard:
             return
         decision = checker.decide(self, snapshot, raised, idle, logger)
         if decision is None or not tracker.set_decision(decision):
+            checker.set_thresholds(self, snapshot, logger)
             return
+        tracker.fast = False
         gated = karton.install_gate(instance, self)
         if karton.shutting_down(instance):
             plan = "karton is already shutting down on a signal, and its own exit goes on"
@@ -237,7 +292,8 @@ class Guard:
     def stats(self) -> Stats:
         """Return this guard's figures in this process."""
         tracker = self.tracker
-        rss = tracker.last_rss
+        # The hot path reads the RSS without keeping it, so read it afresh.
+        rss = tracker.reader.read() if self.read_memory else tracker.last_rss
         baseline = tracker.baseline
         snapshot = tracker.snapshot(False)
         hours = (snapshot.uptime - tracker.baseline_uptime) / 3600
@@ -296,6 +352,8 @@ class Guard:
         logger = self.logger_for(instance)
         shield_exit_from_signals(logger)
         run_before_exit(self.before_exit, logger, self.settings.before_exit_timeout)
+        # The restart slot must cover the restart from here on.
+        restart_slots.renew_lease(self)
         behavior = self.behavior
         if behavior is RestartBehavior.REEXEC:
             tracker.release(reexec.FALLBACK_EXIT_CODE)

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import config
+from . import config, restart_slots
 
 if TYPE_CHECKING:
     from .compat import RestartRule
@@ -94,6 +94,8 @@ class _Gate:
 
     def _pending(self) -> Guard | None:
         for guard in self._guards:
+            if guard.tracker.slots.handover is not None:
+                restart_slots.release_handover(guard, guard.logger_for(self._service))
             guard.check_idle(self._service)
         for guard in self._guards:
             if guard.tracker.decision is not None:
@@ -233,6 +235,7 @@ def start_service(service: object, guard: Guard) -> None:
     if karton_config is not None:
         options = config.from_karton(karton_config, os.environ)
         guard.configure(guard.settings.merged(options))
+    restart_slots.setup(service, guard, guard.logger_for(service))
     if not _is_async_consumer(service):
         # An async service logs through a queue that it empties into Redis only
         # after connecting, so its gate logs this line on the first intake instead.

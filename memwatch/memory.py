@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import weakref
@@ -76,6 +77,21 @@ class RssReader:
                 self.failure = f"reading {_STATM_PATH} failed: {exc!r}"
                 _logger.debug("memwatch: %s, falling back to psutil", self.failure)
         return self._read_psutil()
+
+    def read_or_inf(self) -> float:
+        """Return the RSS in bytes, or infinity when it cannot be read.
+
+        For the hot path: infinity is above every threshold, so a failed read
+        sends the call to the full check, which logs the failure.
+        """
+        fd = self._fd
+        if fd is not None:
+            try:
+                return int(os.pread(fd, 128, 0).split(None, 2)[1]) * self._page_size
+            except (OSError, ValueError, IndexError):
+                pass  # read() below records the failure and falls back to psutil
+        rss = self.read()
+        return math.inf if rss is None else rss
 
     def _read_psutil(self) -> int | None:
         try:

@@ -2,19 +2,26 @@
 
 A rule returns a :class:`Trip` that carries its numbers when its limit is reached,
 or ``None``. Rules never read memory or clocks themselves: the tracker takes the
-snapshot once per task and every rule reads it.
+snapshot once per task and every rule reads it. The one exception is
+:class:`ContainerLimit`, which reads the container's memory cgroup in its check,
+because the snapshot carries only the process's own RSS.
 """
 
 from __future__ import annotations
 
 import decimal
+import logging
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
+from .cgroup import default_container_memory
 from .memory import MIB, to_mib
+from .validate import check_number
+
+_logger = logging.getLogger("memwatch")
 
 
 @dataclass(frozen=True)
@@ -44,10 +51,13 @@ class Trip:
     unit: str
     #: Whether the rule compares memory, so that reclaiming memory may untrip it.
     memory: bool = False
+    #: Readings behind ``current``, such as the bytes it was computed from, for the log line.
+    detail: str = ""
 
     def describe(self) -> str:
-        """Return ``rule current >= limit unit`` for the log line."""
-        return f"{self.rule} {_number(self.current)} >= {_number(self.limit)} {self.unit}"
+        """Return ``rule current >= limit unit`` and the detail for the log line."""
+        text = f"{self.rule} {_number(self.current)} >= {_number(self.limit)} {self.unit}"
+        return f"{text}, {self.detail}" if self.detail else text
 
 
 def _number(value: float) -> str:
@@ -194,6 +204,136 @@ class MaxRss(Rule):
         return None
 
 
+class ContainerMemoryReader(Protocol):
+    """Reader of the container's memory, as :class:`~memwatch.cgroup.ContainerMemory` is."""
+
+    @property
+    def source(self) -> str:
+        """Where the last limit came from."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last read failed, or ``None``."""
+
+    def limit(self) -> int | None:
+        """Return the memory limit in bytes, the physical memory when no cgroup sets one."""
+
+    def working_set(self) -> int | None:
+        """Return the cgroup's usage minus its inactive page cache, in bytes."""
+
+
+#: The :attr:`ContainerMemoryReader.source` of a limit that no cgroup sets.
+PHYSICAL_MEMORY_SOURCE = "physical memory"
+
+
+class ContainerLimit(Rule):
+    """Trips when the container's working set reaches this percentage of its memory limit.
+
+    The working set is the memory cgroup's usage minus its inactive page cache, which
+    the kernel reclaims before its OOM killer ends a process. Where no cgroup sets a
+    limit below the physical memory, the rule compares with the physical memory.
+    Unlike the other rules, it reads the cgroup itself, through ``memory`` or else
+    the process-wide :func:`memwatch.cgroup.default_container_memory`.
+    """
+
+    needs_memory = True
+    unit = "% of limit"
+
+    def __init__(
+        self,
+        limit: object,
+        name: str = "limit_percent",
+        *,
+        memory: ContainerMemoryReader | None = None,
+    ) -> None:
+        check_number(name, limit, low=0, low_inclusive=False, high=100)
+        super().__init__(limit, name)
+        self._memory = memory
+        self._failure_logged = False
+        self._source_logged = False
+
+    def scaled(self, factor: float) -> Rule:
+        return ContainerLimit(self.limit * factor, self.name, memory=self._memory)
+
+    def check(self, snapshot: Snapshot) -> Trip | None:
+        return self._compare(growth=0)
+
+    def check_at_start(self, snapshot: Snapshot) -> Trip | None:
+        """Check the working set less this process's growth since its baseline.
+
+        A trip means that a new process would trip the rule right away, as when
+        other processes of the container hold most of its memory.
+
+        NOTE: the RSS growth only estimates the working set's growth, because the RSS
+        also counts file pages that the working set leaves out while they are inactive.
+        """
+        growth = 0
+        if snapshot.rss is not None and snapshot.baseline is not None:
+            growth = max(snapshot.rss - snapshot.baseline, 0)
+        return self._compare(growth)
+
+    def _compare(self, growth: int) -> Trip | None:
+        if self._memory is None:
+            self._memory = default_container_memory()
+        memory = self._memory
+        # Each read sets memory.failure, so each is checked before the next read.
+        working_set = memory.working_set()
+        if working_set is None:
+            self._log_failure(memory.failure)
+            return None
+        limit = memory.limit()
+        if limit is None or limit <= 0:
+            self._log_failure(memory.failure)
+            return None
+        source = memory.source
+        self._log_source(source, limit)
+        working_set -= growth
+        if working_set < limit * self.limit / 100:
+            return None
+        return Trip(
+            self.name,
+            working_set / limit * 100,
+            self.limit,
+            self.unit,
+            memory=True,
+            detail=_describe_container(working_set, limit, source),
+        )
+
+    def _log_failure(self, failure: str | None) -> None:
+        if self._failure_logged:
+            return
+        self._failure_logged = True
+        _logger.warning(
+            "memwatch: %s cannot read the container's memory (%s); the rule is inactive "
+            "while the reads fail",
+            self.name,
+            failure or "no limit and no physical memory size",
+        )
+
+    def _log_source(self, source: str, limit: int) -> None:
+        if self._source_logged or source != PHYSICAL_MEMORY_SOURCE:
+            return
+        self._source_logged = True
+        _logger.info(
+            "memwatch: %s compares with the physical memory, %.1f MiB, because no cgroup "
+            "sets a lower memory limit",
+            self.name,
+            to_mib(limit),
+        )
+
+
+def _describe_container(working_set: int, limit: int, source: str) -> str:
+    if source == PHYSICAL_MEMORY_SOURCE:
+        return (
+            f"working set {to_mib(working_set):.1f} MiB of the {to_mib(limit):.1f} MiB "
+            "physical memory, since no cgroup sets a lower memory limit"
+        )
+    return (
+        f"working set {to_mib(working_set):.1f} MiB of the {to_mib(limit):.1f} MiB limit "
+        f"in {source}"
+    )
+
+
 #: The rules by their argument name, in the order they are checked and reported.
 RULE_TYPES: dict[str, type[Rule]] = {
     "max_tasks": MaxTasks,
@@ -201,6 +341,7 @@ RULE_TYPES: dict[str, type[Rule]] = {
     "extra_mb": ExtraMemory,
     "extra_percent": ExtraPercent,
     "max_rss_mb": MaxRss,
+    "limit_percent": ContainerLimit,
 }
 
 

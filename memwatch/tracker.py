@@ -7,18 +7,27 @@ are its own. All counters change under one lock, so threads can share a guard.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .memory import RssReader, default_reader
 from .reclaim import Reclaimer
+from .restart_slots import SlotState
 from .rules import Rule, Snapshot
 
 if TYPE_CHECKING:
     from .behavior import Decision
+
+
+#: How often a call held for a pending exit looks whether the calls in flight ended, in seconds.
+_IDLE_POLL_SECONDS = 0.002
 
 
 class Tracker:
@@ -33,7 +42,21 @@ class Tracker:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        #: Calls in flight, one marker each (a thread id, or a token for a coroutine).
+        #: ``deque.append`` and ``deque.remove`` are atomic, so the hot path needs no lock.
+        self.flight: deque[object] = deque()
+        #: Counts completed calls; ``next()`` on it is atomic.
+        self.counter = itertools.count(1)
+        #: Guarded calls completed, as the counter last returned it.
+        self.tasks = 0
+        #: Thresholds of the hot path: below all of them no rule can trip, so the
+        #: full check is skipped. ``fast`` is off until the first full check.
+        self.fast = False
+        self.next_tasks = 0
+        self.timed = False
+        self.deadline = math.inf
+        self.watch_memory = False
+        self.rss_limit = math.inf
         #: RSS in bytes just before the first guarded call, when a memory rule needs it.
         self.baseline: int | None = None
         #: ``time.monotonic()`` at the first guarded call, or ``None`` before it.
@@ -42,8 +65,6 @@ class Tracker:
         self.started_wall: float | None = None
         #: Whether the baseline was taken (the first guarded call has started).
         self.started = False
-        self.tasks = 0
-        self.in_flight = 0
         #: Whether the effective rules were logged in this process.
         self.start_logged = False
         #: ``time.monotonic()`` when the idle checks last saw :attr:`tasks` change.
@@ -61,6 +82,8 @@ class Tracker:
         self.storm: bool | None = None
         #: Restarts put off because the fleet's restart slots were taken.
         self.deferrals = 0
+        #: The fleet's restart slots and the restart deferred until one is free.
+        self.slots = SlotState()
         #: The decision that ends this process, once a rule has tripped.
         self.decision: Decision | None = None
         #: Rules already logged in dry-run mode, each logged once per process.
@@ -102,28 +125,33 @@ class Tracker:
             self.started_wall = time.time()
             self.started_at = time.monotonic()
 
-    def enter(self, read_memory: bool) -> None:
-        """Record the start of a guarded call."""
-        self.start(read_memory)
-        with self._lock:
-            self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        """Return the number of guarded calls in flight."""
+        return len(self.flight)
 
-    def leave(self, read_memory: bool) -> Snapshot:
-        """Record the end of a call entered with :meth:`enter` and return a snapshot."""
-        with self._lock:
-            self.in_flight = max(self.in_flight - 1, 0)
-            if self.in_flight == 0:
-                self._idle.notify_all()
-        return self.record(read_memory)
+    def enter(self, read_memory: bool, marker: object) -> None:
+        """Record the start of a guarded call, identified by ``marker``."""
+        self.start(read_memory)
+        self.flight.append(marker)
+
+    def leave(self, marker: object) -> int:
+        """Record the end of a call entered with :meth:`enter`; return the tasks done."""
+        with contextlib.suppress(ValueError):
+            self.flight.remove(marker)
+        return self.count()
+
+    def count(self) -> int:
+        """Count one completed call and return the tasks done."""
+        tasks = next(self.counter)
+        self.tasks = tasks
+        return tasks
 
     def record(self, read_memory: bool) -> Snapshot:
         """Count one completed call without in-flight bookkeeping and return a snapshot."""
         self.start(read_memory)
-        with self._lock:
-            self.tasks += 1
-            tasks = self.tasks
-            in_flight = self.in_flight
-        return self.snapshot(read_memory, tasks=tasks, in_flight=in_flight)
+        tasks = self.count()
+        return self.snapshot(read_memory, tasks=tasks, in_flight=self.in_flight)
 
     def snapshot(
         self, read_memory: bool, *, tasks: int | None = None, in_flight: int = 0
@@ -160,10 +188,14 @@ class Tracker:
         self.release_code = code
         self.released.set()
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no guarded call is in flight; return ``False`` on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
+    def wait_idle(self) -> None:
+        """Block until no guarded call is in flight.
+
+        It polls, because the hot path keeps no condition variable; it waits only
+        while an exit is pending.
+        """
+        while self.flight:
+            time.sleep(_IDLE_POLL_SECONDS)
 
 
 _trackers: weakref.WeakSet[Tracker] = weakref.WeakSet()
