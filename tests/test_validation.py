@@ -148,7 +148,7 @@ def test_huge_limit_raises_value_error() -> None:
 
 
 def test_decimal_limit_is_accepted() -> None:
-    assert callable(restart_when(extra_mb=decimal.Decimal("500.5")))
+    assert callable(restart_when(extra_mb=decimal.Decimal("500.5")))  # type: ignore[arg-type]
 
 
 def test_restart_rule_lists_only_its_own_names() -> None:
@@ -160,7 +160,7 @@ def test_restart_rule_lists_only_its_own_names() -> None:
 
 def test_behavior_without_parameter_raises() -> None:
     with pytest.raises(TypeError, match="must take one argument, the Decision"):
-        restart_when(max_tasks=1, behavior=lambda: None)  # type: ignore[arg-type]
+        restart_when(max_tasks=1, behavior=lambda: None)  # type: ignore[arg-type,misc]
 
 
 @pytest.mark.parametrize("callbacks", [int, {print: 1}, lambda reason: None, [lambda a, b: None]])
