@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.downtime import downtime_section, run_downtime_benchmark
 from benchmarks.footprint import FootprintRun, measure_footprint
 from benchmarks.machine import describe_machine
 from benchmarks.micro import MicroRow, run_micro
@@ -35,7 +36,7 @@ from demo.stack import StackError
 
 logger = logging.getLogger("benchmarks")
 
-PARTS = ("footprint", "micro", "stack")
+PARTS = ("footprint", "micro", "stack", "downtime")
 #: Subjects whose RSS growth is measured; ``bare`` is the control.
 FOOTPRINT_SUBJECTS = ("bare", "memory", "count-time", "all")
 
@@ -174,6 +175,13 @@ def run(args: argparse.Namespace) -> str:
         results["stack"] = dataclasses.asdict(stack)
         report += stack_section(stack)
         verdicts += stack_verdicts(stack)
+
+    if "downtime" not in args.skip:
+        restarts = 3 if args.quick else 8
+        logger.info("restart downtime: %d restarts each way", restarts)
+        downtime = run_downtime_benchmark(args.output.resolve() / "downtime", restarts)
+        results["downtime"] = dataclasses.asdict(downtime)
+        report += downtime_section(downtime)
 
     report += targets_section(verdicts)
     report.append(f"Load average at the end: {os.getloadavg()[0]:.2f}.")
