@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.downtime import downtime_section, run_downtime_benchmark
+from benchmarks.reclaim import reclaim_section, run_reclaim_benchmark
 from benchmarks.footprint import FootprintRun, measure_footprint
 from benchmarks.machine import describe_machine
 from benchmarks.micro import MicroRow, run_micro
@@ -36,7 +37,7 @@ from demo.stack import StackError
 
 logger = logging.getLogger("benchmarks")
 
-PARTS = ("footprint", "micro", "stack", "downtime")
+PARTS = ("footprint", "micro", "stack", "downtime", "reclaim")
 #: Subjects whose RSS growth is measured; ``bare`` is the control.
 FOOTPRINT_SUBJECTS = ("bare", "memory", "count-time", "all")
 
@@ -182,6 +183,19 @@ def run(args: argparse.Namespace) -> str:
         downtime = run_downtime_benchmark(args.output.resolve() / "downtime", restarts)
         results["downtime"] = dataclasses.asdict(downtime)
         report += downtime_section(downtime)
+
+    if "reclaim" not in args.skip:
+        logger.info("reclaim budget: a worker whose every task trips")
+        reclaim = run_reclaim_benchmark(5.0 if args.quick else 30.0)
+        results["reclaim"] = dataclasses.asdict(reclaim)
+        report += reclaim_section(reclaim)
+        verdicts.append(
+            Verdict(
+                "reclaiming takes at most 1 % of a worker's time",
+                f"{reclaim.share:.2%}",
+                "met" if reclaim.share <= 0.01 else "missed",
+            )
+        )
 
     report += targets_section(verdicts)
     report.append(f"Load average at the end: {os.getloadavg()[0]:.2f}.")

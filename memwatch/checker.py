@@ -130,7 +130,7 @@ def _reclaim(
     logger: logging.Logger,
 ) -> tuple[Snapshot, tuple[Trip, ...]]:
     reclaimer = guard.tracker.reclaimer
-    if not reclaimer.allowed() or snapshot.rss is None:
+    if not reclaimer.allowed(snapshot.uptime) or snapshot.rss is None:
         return snapshot, trips
     took = reclaimer.attempt()
     after = guard.tracker.reader.read()

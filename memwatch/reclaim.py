@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 #: The next attempt waits this many times as long as the last one took.
 BACKOFF_FACTOR = 99
+#: The share of a worker's time that reclaiming may take.
+BUDGET_SHARE = 0.01
 
 _malloc_trim: Callable[[int], int] | None = None
 _malloc_trim_loaded = False
@@ -49,15 +51,26 @@ class Reclaimer:
 
     def __init__(self) -> None:
         self._next_allowed = 0.0
+        self._last = 0.0
         #: Seconds spent reclaiming in this process, for the stats.
         self.seconds = 0.0
         #: Bytes the attempts gave back in this process, for the stats.
         self.reclaimed = 0
         self.attempts = 0
 
-    def allowed(self) -> bool:
-        """Return whether the budget allows an attempt now."""
-        return time.monotonic() >= self._next_allowed
+    def allowed(self, uptime: float) -> bool:
+        """Return whether the budget allows an attempt now.
+
+        The first attempt is always allowed: without it a worker would restart for
+        garbage that one collection frees. After it, an attempt must wait out the
+        back-off and keep the total time spent, this attempt included (estimated from
+        the slowest one so far), within 1 % of ``uptime``.
+        """
+        if not self.attempts:
+            return True
+        if time.monotonic() < self._next_allowed:
+            return False
+        return self.seconds + self._last <= BUDGET_SHARE * uptime
 
     def attempt(self) -> float:
         """Reclaim memory and return how long it took, in seconds."""
@@ -66,6 +79,9 @@ class Reclaimer:
         finished = time.monotonic()
         took = finished - started
         self._next_allowed = finished + BACKOFF_FACTOR * took
+        # The next attempt is estimated from the slowest so far, with a margin,
+        # because a collection grows slower as the heap grows.
+        self._last = max(self._last, took * 1.25)
         self.seconds += took
         self.attempts += 1
         return took
