@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.downtime import downtime_section, run_downtime_benchmark
-from benchmarks.reclaim import reclaim_section, run_reclaim_benchmark
 from benchmarks.footprint import FootprintRun, measure_footprint
 from benchmarks.machine import describe_machine
 from benchmarks.micro import MicroRow, run_micro
+from benchmarks.reclaim import reclaim_section, run_reclaim_benchmark
 from benchmarks.report import (
     Verdict,
     footprint_section,
