@@ -76,10 +76,11 @@ class Decision:
 def describe_state(snapshot: Snapshot) -> str:
     """Return baseline, current RSS, tasks and uptime as one phrase for log lines."""
     parts = []
+    unit = "MiB" if snapshot.metric == "rss" else f"MiB {snapshot.metric.upper()}"
     if snapshot.baseline is not None:
-        parts.append(f"baseline {to_mib(snapshot.baseline):.1f} MiB")
+        parts.append(f"baseline {to_mib(snapshot.baseline):.1f} {unit}")
     if snapshot.rss is not None:
-        parts.append(f"current {to_mib(snapshot.rss):.1f} MiB")
+        parts.append(f"current {to_mib(snapshot.rss):.1f} {unit}")
     parts.append(f"tasks {snapshot.tasks}")
     parts.append(f"uptime {snapshot.uptime:.1f} s")
     return ", ".join(parts)

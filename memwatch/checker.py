@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from typing import TYPE_CHECKING
 
 from .behavior import Decision, RestartBehavior, describe_state
@@ -44,6 +45,8 @@ def decide(
     rules = active_rules(guard, snapshot, logger)
     report(guard, rules, snapshot, logger)
     trips = _trips(rules, snapshot)
+    if trips and any(trip.memory for trip in trips) and guard.settings.metric != "rss":
+        snapshot, trips = _recheck_metric(guard, rules, snapshot, trips)
     if trips and any(trip.memory for trip in trips) and guard.settings.reclaim:
         snapshot, trips = _reclaim(guard, rules, snapshot, trips, logger)
     if not trips:
@@ -122,6 +125,43 @@ def report(
     )
 
 
+#: Seconds that one USS or PSS read may cost per task on average: about the cost
+#: of the RSS read, so that the metric at most doubles the memory path.
+METRIC_BUDGET_PER_TASK = 2e-6
+
+
+def _recheck_metric(
+    guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot, trips: tuple[Trip, ...]
+) -> tuple[Snapshot, tuple[Trip, ...]]:
+    """Check the memory rules again in USS or PSS, once the cheap RSS says they tripped.
+
+    A USS or PSS read walks every page of the process (about 1 ms per 80 MiB), so
+    after a read that found the process under its limits the next one waits for
+    enough tasks to spread its cost to about 2 microseconds a task.
+    """
+    tracker = guard.tracker
+    baseline = tracker.metric_baseline
+    if snapshot.tasks < tracker.metric_next_tasks or baseline is None:
+        # Not re-read yet: the memory rules keep waiting for the next read.
+        return snapshot, tuple(trip for trip in trips if not trip.memory)
+    started = time.monotonic()
+    current = tracker.read_metric()
+    took = time.monotonic() - started
+    if current is None:
+        return snapshot, trips
+    metric = dataclasses.replace(
+        snapshot, rss=current, baseline=baseline, metric=guard.settings.metric
+    )
+    # The rules keep their order, so the first that trips still decides.
+    rechecked = tuple(
+        trip for rule in rules if (trip := rule.check(metric if rule.needs_memory else snapshot))
+    )
+    if any(trip.memory for trip in rechecked):
+        return metric, rechecked
+    tracker.metric_next_tasks = snapshot.tasks + int(took / METRIC_BUDGET_PER_TASK) + 1
+    return snapshot, rechecked
+
+
 def _reclaim(
     guard: Guard,
     rules: tuple[Rule, ...],
@@ -133,7 +173,8 @@ def _reclaim(
     if not reclaimer.allowed(snapshot.uptime) or snapshot.rss is None:
         return snapshot, trips
     took = reclaimer.attempt()
-    after = guard.tracker.reader.read()
+    tracker = guard.tracker
+    after = tracker.reader.read() if snapshot.metric == "rss" else tracker.read_metric()
     if after is None:
         return snapshot, trips
     freed = max(snapshot.rss - after, 0)

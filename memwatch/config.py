@@ -133,6 +133,16 @@ def _percent_limit(name: str, value: object) -> object:
 #: Highest max_concurrent_restarts, the same as memwatch.fleet.MAX_SLOTS.
 MAX_CONCURRENT_RESTARTS = 1024
 
+METRICS = ("rss", "uss", "pss")
+
+
+def _metric(name: str, value: object) -> object:
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in METRICS:
+        raise ValueError(f"{name} must be one of {', '.join(METRICS)}, got {value!r}")
+    return text
+
+
 OPTIONS: dict[str, Option] = {
     option.name: option
     for option in (
@@ -166,6 +176,7 @@ OPTIONS: dict[str, Option] = {
             _ranged(low=0, high=1, high_inclusive=False),
         ),
         Option("reclaim", "", "true", "try gc and malloc_trim before a restart", parse_bool),
+        Option("metric", "", "rss", "memory figure of the memory rules: rss, uss or pss", _metric),
         Option(
             "min_lifetime_seconds",
             "seconds",
@@ -314,6 +325,8 @@ class Settings:
     before_exit_timeout: float = DEFAULT_BEFORE_EXIT_TIMEOUT
     #: Seconds the process may take to end after memwatch raised SystemExit; 0 waits forever.
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT
+    #: The memory figure the memory rules compare: ``rss``, ``uss`` or ``pss``.
+    metric: str = "rss"
     #: Replicas of a karton identity that may restart at once; ``None`` sets no limit.
     max_concurrent_restarts: int | None = None
     #: Seconds a restart slot stays taken unless the next image releases it.

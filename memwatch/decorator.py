@@ -58,6 +58,7 @@ def restart_when(
     idle_check_seconds: float = DEFAULT_IDLE_CHECK_SECONDS,
     before_exit_timeout: float = DEFAULT_BEFORE_EXIT_TIMEOUT,
     exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+    metric: str = "rss",
     max_concurrent_restarts: int | None = None,
     restart_lease_seconds: float = DEFAULT_RESTART_LEASE_SECONDS,
 ) -> Callable[[F], F]:
@@ -99,6 +100,9 @@ def restart_when(
         (default 5)
     :param before_exit_timeout: seconds the before-exit callbacks may take in all
         (default 5)
+    :param metric: the memory figure the memory rules compare: ``"rss"`` (default),
+        ``"uss"`` (private memory) or ``"pss"`` (private plus a share of shared pages),
+        read only when the RSS says a limit may be reached
     :param exit_timeout: seconds the process may take to end after memwatch raised
         ``SystemExit``; then it is ended with ``os._exit``; 0 waits forever (default 30)
     :param max_concurrent_restarts: karton services only: at most this many replicas
@@ -137,6 +141,7 @@ def restart_when(
         "idle_check_seconds": idle_check_seconds,
         "before_exit_timeout": before_exit_timeout,
         "exit_timeout": exit_timeout,
+        "metric": metric,
         "max_concurrent_restarts": max_concurrent_restarts,
         "restart_lease_seconds": restart_lease_seconds,
     }
@@ -215,7 +220,7 @@ _NONE_MEANS_OFF = frozenset({"report_every", "max_concurrent_restarts"})
 def _check_argument(name: str, value: object) -> object:
     # The option parsers also read strings from config files; an argument must be
     # of its own type.
-    if isinstance(value, str):
+    if isinstance(value, str) and name != "metric":
         raise TypeError(f"{name} must not be a string, got {value!r}")
     return config.OPTIONS[name].parse(name, value)
 

@@ -71,6 +71,7 @@ class Guard:
         self.enabled = settings.enabled
         self.read_memory = any(rule.needs_memory for rule in rules)
         self.tracker.baseline_at_start = not settings.warmup
+        self.tracker.metric = settings.metric
         # Limits drawn for the old settings no longer apply.
         self.tracker.rules = None
 

@@ -38,6 +38,8 @@ class Snapshot:
     baseline: int | None
     #: Guarded calls still running in other threads or coroutines.
     in_flight: int = 0
+    #: What ``rss`` and ``baseline`` measure: ``rss``, or ``uss`` or ``pss`` once re-read.
+    metric: str = "rss"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
+from . import footprint
 from .memory import RssReader, default_reader
 from .reclaim import Reclaimer
 from .restart_slots import SlotState
@@ -37,6 +38,8 @@ class Tracker:
         self._reader = reader
         #: Whether :meth:`start` takes the baseline; not with a warm-up, which takes it later.
         self.baseline_at_start = True
+        #: The memory figure of the memory rules, set by the guard: rss, uss or pss.
+        self.metric = "rss"
         self._reset()
         _trackers.add(self)
 
@@ -80,6 +83,10 @@ class Tracker:
         self.reclaimer = Reclaimer()
         #: Whether a ceiling is below the start-up footprint, once the first check told.
         self.storm: bool | None = None
+        #: The baseline in the configured metric (USS or PSS), taken with the RSS one.
+        self.metric_baseline: int | None = None
+        #: The task count before which the USS or PSS is not read again.
+        self.metric_next_tasks = 0
         #: Restarts put off because the fleet's restart slots were taken.
         self.deferrals = 0
         #: The fleet's restart slots and the restart deferred until one is free.
@@ -112,8 +119,17 @@ class Tracker:
                 return
             if read_memory and self.baseline_at_start:
                 self.baseline = self.reader.read()
+                self.metric_baseline = self.read_metric()
             self._start_clock()
             self.started = True
+
+    def read_metric(self) -> int | None:
+        """Return the USS or PSS in bytes when that metric is configured, else ``None``."""
+        if self.metric == "uss":
+            return footprint.default_reader().uss()
+        if self.metric == "pss":
+            return footprint.default_reader().pss()
+        return None
 
     def start_clock(self) -> None:
         """Start the clock of ``max_seconds`` now, when a karton service starts its loop."""

@@ -140,3 +140,36 @@ def test_stats_expose_growth() -> None:
     per_task = float(figures["per_task"])
     assert 18 * MIB <= growth <= 24 * MIB
     assert 3.5 * MIB <= per_task <= 4.8 * MIB
+
+
+def test_uss_metric_ignores_shared_growth() -> None:
+    # The worker maps a shared file into memory: RSS grows, USS does not.
+    settings = {
+        "rules": {"extra_mb": 40},
+        "shared_mib": 80,
+        "calls": 5,
+        "options": {"reclaim": False},
+        "behavior": "EXIT_1",
+    }
+    by_rss = run_worker(settings)
+    assert by_rss.code == 1, by_rss.stderr
+    assert by_rss.numbers("call") == [1]
+
+    by_uss = run_worker({**settings, "options": {"reclaim": False, "metric": "uss"}})
+    assert by_uss.code == 0, by_uss.stderr
+    assert "finished" in by_uss.lines
+
+
+def test_uss_metric_trips_on_private_growth() -> None:
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 30},
+            "leak_mib": 8,
+            "calls": 10,
+            "options": {"reclaim": False, "metric": "uss"},
+            "behavior": "EXIT_1",
+        }
+    )
+    assert run.code == 1, run.stderr
+    assert run.numbers("call") == [1, 2, 3, 4]
+    assert re.search(r"current \d+\.\d MiB USS", run.stderr), run.stderr

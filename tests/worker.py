@@ -21,9 +21,11 @@ callbacks: ``ok1``, ``ok2``, ``raising``), ``enabled`` and ``concurrency``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import json
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -97,6 +99,8 @@ SLEEP = float(SETTINGS.get("sleep", 0))
 
 GARBAGE_BYTES = int(SETTINGS.get("garbage_mib", 0) * 1024 * 1024)
 FIRST_CALL_BYTES = int(SETTINGS.get("first_call_mib", 0) * 1024 * 1024)
+SHARED_BYTES = int(SETTINGS.get("shared_mib", 0) * 1024 * 1024)
+KEPT_MAPS: list[mmap.mmap] = []
 
 
 class Cycle:
@@ -114,6 +118,23 @@ def work(number: int) -> int:
         KEPT.append(bytearray(b"\x01") * LEAK_BYTES)
     if GARBAGE_BYTES:
         Cycle(GARBAGE_BYTES)
+    if number == 1 and SHARED_BYTES:
+        # Pages of a shared file mapping: resident, so in the RSS, but not private.
+        mapping = mmap.mmap(-1, SHARED_BYTES, flags=mmap.MAP_SHARED)
+        mapping.write(b"\x01" * SHARED_BYTES)
+        KEPT_MAPS.append(mapping)
+        # A second process mapping the same pages makes them shared, not private.
+        ready, touched = os.pipe()
+        holder = os.fork()
+        if holder == 0:
+            # fork copies no page tables of a shared mapping: touch every page here.
+            for offset in range(0, SHARED_BYTES, 4096):
+                mapping[offset]
+            os.write(touched, b"x")
+            time.sleep(60)
+            os._exit(0)
+        os.read(ready, 1)
+        atexit.register(os.kill, holder, signal.SIGKILL)
     if number == 1 and FIRST_CALL_BYTES:
         # A parser's lazily built cache: large once, then stable.
         KEPT.append(bytearray(b"\x01") * FIRST_CALL_BYTES)
