@@ -72,8 +72,9 @@ class Guard:
         self.read_memory = any(rule.needs_memory for rule in rules)
         self.tracker.baseline_at_start = not settings.warmup
         self.tracker.metric = settings.metric
-        # Limits drawn for the old settings no longer apply.
+        # Limits drawn and thresholds set for the old settings no longer apply.
         self.tracker.rules = None
+        self.tracker.fast = False
 
     def logger_for(self, instance: object) -> logging.Logger:
         """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
