@@ -226,8 +226,9 @@ def start_service(service: object, guard: Guard) -> None:
     """Prepare ``guard`` when a karton service starts its loop.
 
     Applies the service's ``[memwatch]`` config over the decorator's arguments,
-    logs the effective rules, starts the clock of ``max_seconds`` and installs
-    the gate, so that the idle checks run before the first task arrives.
+    connects the restart slots of ``max_concurrent_restarts``, logs the
+    effective rules, starts the clock of ``max_seconds`` and installs the gate,
+    so that the idle checks run before the first task arrives.
 
     :raises ValueError: when the config holds an unknown option or a bad value
     """

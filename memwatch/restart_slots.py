@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 #: Seconds between two attempts to take a slot while a restart is deferred.
 RETRY_SECONDS = 1.0
-#: Rules whose restart never waits for a slot, because they cap the memory the
-#: machine or the container can give, not the growth of one process.
+#: Rules whose restart never waits for a slot, because they are ceilings of
+#: absolute memory, which a process must not pass while it waits.
+#: ``limit_percent`` is the container's memory limit.
 HARD_LIMITS = frozenset({"max_rss_mb", "limit_percent"})
 
 
@@ -253,8 +254,8 @@ def _deferred_for(slots: SlotState, now: float, decision: Decision) -> str:
 
 
 def _process_of(token: str) -> str:
-    # A token is hostname:pid:random hex; the random part only tells processes
-    # with a reused PID apart.
+    # A token is hostname:pid:random hex. The random part only distinguishes
+    # processes that reused a PID.
     host, _, rest = token.partition(":")
     pid = rest.partition(":")[0]
     return f"{host}:{pid}" if pid else token
