@@ -42,13 +42,21 @@ class Option:
     parse: Callable[[str, object], object]
 
 
+def _removes_rule(name: str, value: object) -> bool:
+    """Return whether a text value is ``off`` or ``none``; reject an empty one."""
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{name} must not be empty; use off to remove the rule")
+    return text.lower() in _REMOVED_WORDS
+
+
 def _number(name: str, value: object, *, integer: bool) -> object:
+    if _removes_rule(name, value):
+        return REMOVED
     if isinstance(value, str):
         text = value.strip()
-        if text.lower() in _REMOVED_WORDS:
-            return REMOVED
-        if not text:
-            raise ValueError(f"{name} must not be empty; use off to remove the rule")
         try:
             number: object = float(text)
         except ValueError:
@@ -121,12 +129,8 @@ _parse_percent = _ranged(low=0, low_inclusive=False, high=100)
 
 def _percent_limit(name: str, value: object) -> object:
     """Parse a rule limit in percent of a whole, in (0, 100]; off removes the rule."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in _REMOVED_WORDS:
-            return REMOVED
-        if not text:
-            raise ValueError(f"{name} must not be empty; use off to remove the rule")
+    if _removes_rule(name, value):
+        return REMOVED
     return _parse_percent(name, value)
 
 

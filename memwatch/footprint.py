@@ -20,10 +20,11 @@ import contextlib
 import logging
 import os
 import threading
-import weakref
 from dataclasses import dataclass
 
 import psutil
+
+from .memory import reopen_after_fork
 
 _SMAPS_ROLLUP_PATH = "/proc/self/smaps_rollup"
 # smaps_rollup has about 25 lines (under 1 KiB with Linux 6.x).
@@ -93,7 +94,7 @@ class FootprintReader:
         #: Why the last read failed, or ``None`` after a successful read.
         self.failure: str | None = None
         self._open()
-        _readers.add(self)
+        reopen_after_fork(self)
 
     def _open(self) -> None:
         # /proc/self resolves to this PID when opened, so a forked child must open it again.
@@ -174,17 +175,6 @@ class FootprintReader:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-
-_readers: weakref.WeakSet[FootprintReader] = weakref.WeakSet()
-
-
-def _reopen_after_fork() -> None:
-    for reader in list(_readers):
-        reader.reopen()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reopen_after_fork)
 
 _default_reader: FootprintReader | None = None
 

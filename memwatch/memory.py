@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import weakref
+from typing import Protocol
 
 import psutil
 
@@ -45,7 +46,7 @@ class RssReader:
         #: Why the last read failed, or ``None`` after a successful read.
         self.failure: str | None = None
         self._open()
-        _readers.add(self)
+        reopen_after_fork(self)
 
     def _open(self) -> None:
         # /proc/self resolves to this PID when opened, so a forked child must open it again.
@@ -107,7 +108,21 @@ class RssReader:
         return rss
 
 
-_readers: weakref.WeakSet[RssReader] = weakref.WeakSet()
+class Reopenable(Protocol):
+    """A reader of ``/proc/self`` files, which a forked child must open again."""
+
+    def reopen(self) -> None:
+        """Open the sources again for the current process."""
+
+
+# /proc/self resolves to the PID that opened it, so every held descriptor of a
+# forked child still reads its parent until the child opens it again.
+_readers: weakref.WeakSet[Reopenable] = weakref.WeakSet()
+
+
+def reopen_after_fork(reader: Reopenable) -> None:
+    """Have ``reader.reopen()`` called in every forked child of this process."""
+    _readers.add(reader)
 
 
 def _reopen_after_fork() -> None:
