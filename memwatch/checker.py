@@ -170,8 +170,16 @@ def _reclaim(
     logger: logging.Logger,
 ) -> tuple[Snapshot, tuple[Trip, ...]]:
     reclaimer = guard.tracker.reclaimer
-    if not reclaimer.allowed(snapshot.uptime) or snapshot.rss is None:
+    if snapshot.rss is None:
         return snapshot, trips
+    if not reclaimer.allowed(snapshot.uptime):
+        if any(trip.memory and trip.rule in _CEILINGS for trip in trips):
+            # Near a ceiling the kernel's OOM killer may come first: restart now.
+            return snapshot, trips
+        # Growth over the baseline waits for the next attempt the budget allows,
+        # at most 100 times the last attempt's duration, so that the worker
+        # restarts only if memory stays over the limit after a reclaim.
+        return snapshot, tuple(trip for trip in trips if not trip.memory)
     took = reclaimer.attempt()
     tracker = guard.tracker
     after = tracker.reader.read() if snapshot.metric == "rss" else tracker.read_metric()
@@ -192,13 +200,18 @@ def _reclaim(
     return snapshot, trips
 
 
+#: The rules whose limit is absolute, which restart without waiting for a reclaim.
+_CEILINGS = frozenset({"max_rss_mb", "limit_percent"})
+
+
 def _in_storm(
     guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot, logger: logging.Logger
 ) -> bool:
     """Return whether a restart must wait because the limits would restart in a loop.
 
-    A ceiling below the footprint the process had before its first task trips in
-    every new process right away. Such a process keeps working until it has lived
+    A ceiling below the footprint the process had before its first task, or after
+    its first task, trips in every new process right away. Such a process keeps
+    working until it has lived
     ``min_lifetime_seconds``, so the restarts come no faster than that. The ceilings
     are ``max_rss_mb`` and ``limit_percent``.
     """
@@ -220,11 +233,16 @@ def _in_storm(
 
 
 def _reached_at_start(rule: Rule, snapshot: Snapshot) -> bool:
+    if not isinstance(rule, (MaxRss, ContainerLimit)):
+        return False
+    if snapshot.tasks <= 1 and rule.check(snapshot) is not None:
+        # Over the ceiling after the very first task: a cache that the first task
+        # builds would trip every new process as surely as its start-up footprint.
+        return True
     if isinstance(rule, ContainerLimit):
         return rule.check_at_start(snapshot) is not None
     return (
-        isinstance(rule, MaxRss)
-        and snapshot.baseline is not None
+        snapshot.baseline is not None
         and rule.check(dataclasses.replace(snapshot, rss=snapshot.baseline)) is not None
     )
 

@@ -277,7 +277,7 @@ def from_karton(config: object, environ: Mapping[str, str]) -> dict[str, Any]:
         variable = f"KARTON_{SECTION.upper()}_{name.upper()}"
         if variable in environ:
             return variable
-        return f"[{SECTION}] {name} in karton.ini"
+        return f"[{SECTION}] {name} in the karton config"
 
     return parse_options(dict(section), source)
 

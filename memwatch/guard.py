@@ -288,7 +288,7 @@ class Guard:
         if karton.shutting_down(instance):
             plan = "karton is already shutting down on a signal, and its own exit goes on"
         else:
-            plan = self._plan(gated, immediate)
+            plan = self._plan(instance, gated, immediate)
         logger.info("memwatch: %s; %s", decision.describe(), plan)
 
     def stats(self) -> Stats:
@@ -315,15 +315,17 @@ class Guard:
             deferrals=tracker.deferrals,
         )
 
-    def _plan(self, gated: bool, immediate: bool) -> str:
+    def _plan(self, instance: object, gated: bool, immediate: bool) -> str:
         if self.behavior is RestartBehavior.REEXEC:
             action = "re-executing in place"
         elif isinstance(self.behavior, RestartBehavior):
             action = f"exiting with code {self.behavior.exit_code}"
         else:
             action = f"calling {callback_name(self.behavior)}"
-        if gated:
+        if gated and karton.is_async_consumer(instance):
             return f"{action} once karton has recorded the state of every task in flight"
+        if gated:
+            return f"{action} once karton has recorded the task's state"
         if immediate:
             return f"{action} now"
         return f"{action} when the next guarded call starts"

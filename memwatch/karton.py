@@ -76,7 +76,8 @@ def _is_sync_service(instance: object) -> bool:
     return _is_instance(instance, _SYNC_SERVICE) and hasattr(instance, "_shutdown")
 
 
-def _is_async_consumer(instance: object) -> bool:
+def is_async_consumer(instance: object) -> bool:
+    """Return whether ``instance`` is a ``karton.core.asyncio.Consumer``."""
     return _is_instance(instance, _ASYNC_CONSUMER) and hasattr(instance, "backend")
 
 
@@ -209,7 +210,7 @@ def install_gate(instance: object, guard: Guard) -> bool:
         if gate is False:
             gate = LoopGate(instance)
             instance._shutdown = gate  # type: ignore[attr-defined]
-    elif _is_async_consumer(instance):
+    elif is_async_consumer(instance):
         gate = state.get("_memwatch_gate")
         if gate is None:
             gate = AsyncGate(instance)
@@ -235,9 +236,14 @@ def start_service(service: object, guard: Guard) -> None:
     karton_config = getattr(service, "config", None)
     if karton_config is not None:
         options = config.from_karton(karton_config, os.environ)
-        guard.configure(guard.settings.merged(options))
+        try:
+            guard.configure(guard.settings.merged(options))
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}, after the karton config set {config.describe_overrides(options)}"
+            ) from None
     restart_slots.setup(service, guard, guard.logger_for(service))
-    if not _is_async_consumer(service):
+    if not is_async_consumer(service):
         # An async service logs through a queue that it empties into Redis only
         # after connecting, so its gate logs this line on the first intake instead.
         guard.log_start(service, _where(service))

@@ -26,8 +26,23 @@ PREVIOUS_VARIABLE = "_MEMWATCH_PREVIOUS_DECISION"
 #: The exit status when re-executing is impossible, so that a supervisor still restarts.
 FALLBACK_EXIT_CODE = 1
 
+
+def _start_directory() -> str:
+    """Return the folder the program most likely started in.
+
+    ``python -m`` puts that folder, made absolute, first on ``sys.path``. For a
+    script only the folder at memwatch's import is known; the script's own path
+    is made absolute in :func:`command_line`, so the re-run finds it anyway.
+    """
+    argv = getattr(sys, "orig_argv", None) or []
+    first = sys.path[0] if sys.path else ""
+    if "-m" in argv[1:] and os.path.isabs(first) and os.path.isdir(first):
+        return first
+    return os.getcwd()
+
+
 # The command line is relative to the folder the program started in.
-_START_DIRECTORY = os.getcwd()
+_START_DIRECTORY = _start_directory()
 
 
 def generation() -> int:
@@ -51,7 +66,21 @@ def command_line() -> tuple[str, list[str]] | str:
     executable = sys.executable
     if not executable or not os.access(executable, os.X_OK):
         return f"sys.executable {executable!r} is not an executable file"
-    return executable, argv
+    return executable, _absolute_script(argv)
+
+
+def _absolute_script(argv: list[str]) -> list[str]:
+    # Since Python 3.9 the __main__ module of a script has an absolute __file__;
+    # the command line may hold the script's path relative to a folder the
+    # program has left since.
+    script = sys.argv[0] if sys.argv else ""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not script or not main_file or os.path.isabs(script) or script not in argv[1:]:
+        return argv
+    if os.path.basename(script) != os.path.basename(main_file):
+        return argv
+    position = argv.index(script, 1)
+    return [*argv[:position], os.path.abspath(main_file), *argv[position + 1 :]]
 
 
 def reexec(decision: str, logger: logging.Logger) -> NoReturn:

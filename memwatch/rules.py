@@ -130,8 +130,9 @@ class MaxTasks(Rule):
         super().__init__(limit, name, integer=True)
 
     def scaled(self, factor: float) -> Rule:
-        # Rounded down, so that a drawn count is never above the configured one.
-        return MaxTasks(max(1, math.floor(self.limit * factor)), self.name)
+        # Rounded up, so that a drawn count is never below limit x factor, and
+        # never above the configured limit, a whole number.
+        return MaxTasks(min(int(self.limit), max(1, math.ceil(self.limit * factor))), self.name)
 
     def check(self, snapshot: Snapshot) -> Trip | None:
         if snapshot.tasks >= self.limit:

@@ -46,7 +46,9 @@ def test_environment_value_rejected(name: str, value: str) -> None:
 def test_karton_value_rejected(name: str, value: str) -> None:
     config = Config(check_sections=False)
     config.load_from_dict({"memwatch": {name: value}})
-    with pytest.raises(ValueError, match=rf"^\[memwatch\] {name} in karton.ini = ") as caught:
+    with pytest.raises(
+        ValueError, match=rf"^\[memwatch\] {name} in the karton config = "
+    ) as caught:
         from_karton(config, environ={})
     assert f"{name} must" in str(caught.value)
 

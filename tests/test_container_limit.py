@@ -204,7 +204,9 @@ def test_storm_guard_waits_when_full_at_start(
 
 def test_no_storm_when_growth_reached_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     guard = container_guard(monkeypatch, FakeContainer(220 * MIB))
-    decision = checker.decide(guard, snap(rss=200 * MIB, baseline=50 * MIB), False, False, LOGGER)
+    # Reached after several tasks: growth, not a footprint over the ceiling.
+    grown = Snapshot(tasks=5, uptime=1.0, rss=200 * MIB, baseline=50 * MIB)
+    decision = checker.decide(guard, grown, False, False, LOGGER)
     assert decision is not None
     assert guard.tracker.storm is False
 

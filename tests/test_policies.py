@@ -173,3 +173,20 @@ def test_uss_metric_trips_on_private_growth() -> None:
     assert run.code == 1, run.stderr
     assert run.numbers("call") == [1, 2, 3, 4]
     assert re.search(r"current \d+\.\d MiB USS", run.stderr), run.stderr
+
+
+def test_growth_trip_waits_for_reclaim_budget() -> None:
+    # Every task leaves 40 MiB of garbage: the first trip reclaims it, and the
+    # trips during the back-off wait for the next reclaim instead of restarting.
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 30},
+            "garbage_mib": 40,
+            "gc_disabled": True,
+            "calls": 6,
+            "behavior": "EXIT_1",
+        }
+    )
+    assert run.code == 0, run.stderr
+    assert "finished" in run.lines
+    assert "back under every limit, no restart" in run.stderr

@@ -314,3 +314,31 @@ def test_reexec_without_command_line_exits_1() -> None:
     assert run.numbers("call") == [1, 2]
     assert "cannot re-execute: sys.orig_argv is empty" in run.stderr
     assert "exiting with code 1 instead" in run.stderr
+
+
+def test_reexec_after_chdir_before_import(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os\n"
+        "os.chdir('/')\n"
+        "from memwatch import RestartBehavior, restart_when\n"
+        "from memwatch.reexec import generation\n"
+        "print('generation', generation(), os.getpid(), flush=True)\n"
+        "if generation() < 3:\n"
+        "    job = restart_when(max_tasks=1, behavior=RestartBehavior.REEXEC)(lambda: None)\n"
+        "    job()\n"
+        "    job()\n",
+        encoding="utf-8",
+    )
+    completed = subprocess.run(
+        [sys.executable, "job.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"]
+    assert len({line.split()[2] for line in lines}) == 1
