@@ -173,8 +173,9 @@ def _reclaim(
     if snapshot.rss is None:
         return snapshot, trips
     if not reclaimer.allowed(snapshot.uptime):
-        if any(trip.memory and trip.rule in _CEILINGS for trip in trips):
-            # Near a ceiling the kernel's OOM killer may come first: restart now.
+        if reclaimer.last_failed or any(trip.memory and trip.rule in _CEILINGS for trip in trips):
+            # The last attempt left memory over a limit, so another one is not worth
+            # waiting for; and near a ceiling the OOM killer may come first.
             return snapshot, trips
         # Growth over the baseline waits for the next attempt the budget allows,
         # at most 100 times the last attempt's duration, so that the worker
@@ -189,6 +190,7 @@ def _reclaim(
     reclaimer.reclaimed += freed
     snapshot = dataclasses.replace(snapshot, rss=after)
     trips = _trips(rules, snapshot)
+    reclaimer.last_failed = any(trip.memory for trip in trips)
     logger.info(
         "memwatch: reclaiming memory gave back %.1f MiB in %.1f ms (rss %.1f -> %.1f MiB); %s",
         to_mib(freed),

@@ -22,15 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import checker, karton, reexec, restart_slots
-from .behavior import (
-    RestartBehavior,
-    callback_name,
-    exit_process,
-    hard_exit,
-    run_before_exit,
-    shield_exit_from_signals,
-)
+from . import checker, ending, karton, reexec, restart_slots
+from .behavior import RestartBehavior, callback_name
 from .config import Settings, describe_overrides
 from .growth import Stats, rates
 from .memory import to_mib
@@ -75,6 +68,11 @@ class Guard:
         # Limits drawn and thresholds set for the old settings no longer apply.
         self.tracker.rules = None
         self.tracker.fast = False
+
+    @property
+    def fallback_logger(self) -> logging.Logger:
+        """Return the ``logger`` argument, else the ``memwatch`` logger."""
+        return self._logger or _logger
 
     def logger_for(self, instance: object) -> logging.Logger:
         """Return the karton service's logger, else the ``logger`` argument, else ``memwatch``."""
@@ -145,7 +143,7 @@ class Guard:
         if not tracker.started:
             self._first_call(instance)
         if tracker.decision is not None and not karton.install_gate(instance, self):
-            self._hold(instance)
+            ending.hold(self, instance)
         tracker.enter(self.read_memory, marker)
 
     async def before_call_async(self, instance: object, marker: object) -> None:
@@ -158,10 +156,10 @@ class Guard:
         if tracker.decision is not None and not karton.install_gate(instance, self):
             while tracker.in_flight > 0 and not tracker.released.is_set():
                 await asyncio.sleep(_ASYNC_POLL_SECONDS)
-            self._end_or_wait(instance, blocking=False)
+            ending.end_or_wait(self, instance, blocking=False)
             while not tracker.released.is_set():
                 await asyncio.sleep(_ASYNC_POLL_SECONDS)
-            self._after_release()
+            ending.after_release(self)
         tracker.enter(self.read_memory, marker)
 
     def _first_call(self, instance: object) -> None:
@@ -227,12 +225,12 @@ class Guard:
             return
         if self.tracker.decision is None or raised or karton.install_gate(instance, self):
             return
-        self._end_or_wait(instance, blocking=True)
+        ending.end_or_wait(self, instance, blocking=True)
 
     def hold_if_pending(self, instance: object) -> None:
         """Carry out a pending exit before a call starts, for karton-memory-watcher's pre-hook."""
         if self.tracker.decision is not None and not karton.install_gate(instance, self):
-            self._hold(instance)
+            ending.hold(self, instance)
 
     # Checking.
 
@@ -334,67 +332,7 @@ class Guard:
 
     def end_from_gate(self, instance: object) -> None:
         """Carry out the pending decision from a karton consumer's loop, between tasks."""
-        self._end_or_wait(instance, blocking=True)
-
-    def _hold(self, instance: object) -> None:
-        tracker = self.tracker
-        if not tracker.released.is_set():
-            tracker.wait_idle()
-            self._end_or_wait(instance, blocking=True)
-        self._after_release()
-
-    def _end_or_wait(self, instance: object, blocking: bool) -> None:
-        tracker = self.tracker
-        if not tracker.claim_exit():
-            if blocking:
-                tracker.released.wait()
-                self._after_release()
-            return
-        decision = tracker.decision
-        if decision is None:  # pragma: no cover - the decision is stored before any claim
-            return
-        logger = self.logger_for(instance)
-        shield_exit_from_signals(logger)
-        run_before_exit(self.before_exit, logger, self.settings.before_exit_timeout)
-        # The restart slot must cover the restart from here on.
-        restart_slots.renew_lease(self)
-        behavior = self.behavior
-        if behavior is RestartBehavior.REEXEC:
-            tracker.release(reexec.FALLBACK_EXIT_CODE)
-            reexec.reexec(decision.describe(), logger)
-        if isinstance(behavior, RestartBehavior):
-            code = behavior.exit_code
-            if code is not None:
-                tracker.release(code)
-                exit_process(code, logger, self.settings.exit_timeout)
-        else:
-            try:
-                behavior(decision)
-            except Exception:
-                logger.exception(
-                    "memwatch: behavior %s raised; the process keeps running",
-                    callback_name(behavior),
-                )
-        tracker.release(None)
-
-    def _after_release(self) -> None:
-        code = self.tracker.release_code
-        if code is None:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            # A held call in a worker thread ends its thread too, so that the
-            # interpreter's shutdown does not wait for it.
-            raise SystemExit(code)
-        # The main thread raised SystemExit once and is calling again: something
-        # caught the exit, so end the process without a second chance.
-        logger = self._logger or _logger
-        logger.warning(
-            "memwatch: the exit with code %d was caught and the process went on; "
-            "ending it with os._exit(%d)",
-            code,
-            code,
-        )
-        hard_exit(code)
+        ending.end_or_wait(self, instance, blocking=True)
 
 
 def _describe_task(snapshot: Snapshot) -> str:
