@@ -173,14 +173,9 @@ def _reclaim(
     if snapshot.rss is None:
         return snapshot, trips
     if not reclaimer.allowed(snapshot.uptime):
-        if reclaimer.last_failed or any(trip.memory and trip.rule in _CEILINGS for trip in trips):
-            # The last attempt left memory over a limit, so another one is not worth
-            # waiting for; and near a ceiling the OOM killer may come first.
-            return snapshot, trips
-        # Growth over the baseline waits for the next attempt the budget allows,
-        # at most 100 times the last attempt's duration, so that the worker
-        # restarts only if memory stays over the limit after a reclaim.
-        return snapshot, tuple(trip for trip in trips if not trip.memory)
+        # Waiting for the budget could let a leaking worker grow far past its limit
+        # (the next attempt may be seconds away), so a trip meanwhile restarts.
+        return snapshot, trips
     took = reclaimer.attempt()
     tracker = guard.tracker
     after = tracker.reader.read() if snapshot.metric == "rss" else tracker.read_metric()
@@ -190,7 +185,6 @@ def _reclaim(
     reclaimer.reclaimed += freed
     snapshot = dataclasses.replace(snapshot, rss=after)
     trips = _trips(rules, snapshot)
-    reclaimer.last_failed = any(trip.memory for trip in trips)
     logger.info(
         "memwatch: reclaiming memory gave back %.1f MiB in %.1f ms (rss %.1f -> %.1f MiB); %s",
         to_mib(freed),
@@ -200,10 +194,6 @@ def _reclaim(
         "still over a limit" if trips else "back under every limit, no restart",
     )
     return snapshot, trips
-
-
-#: The rules whose limit is absolute, which restart without waiting for a reclaim.
-_CEILINGS = frozenset({"max_rss_mb", "limit_percent"})
 
 
 def _in_storm(

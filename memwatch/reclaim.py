@@ -57,8 +57,6 @@ class Reclaimer:
         #: Bytes the attempts gave back in this process, for the stats.
         self.reclaimed = 0
         self.attempts = 0
-        #: Whether the last attempt left memory over a limit.
-        self.last_failed = False
 
     def allowed(self, uptime: float) -> bool:
         """Return whether the budget allows an attempt now.

@@ -175,9 +175,9 @@ def test_uss_metric_trips_on_private_growth() -> None:
     assert re.search(r"current \d+\.\d MiB USS", run.stderr), run.stderr
 
 
-def test_growth_trip_waits_for_reclaim_budget() -> None:
-    # Every task leaves 40 MiB of garbage: the first trip reclaims it, and the
-    # trips during the back-off wait for the next reclaim instead of restarting.
+def test_trip_within_reclaim_budget_restarts() -> None:
+    # Every task leaves 40 MiB of garbage. The first trip reclaims it; the second
+    # comes before the budget allows another attempt, so the worker restarts.
     run = run_worker(
         {
             "rules": {"extra_mb": 30},
@@ -187,6 +187,7 @@ def test_growth_trip_waits_for_reclaim_budget() -> None:
             "behavior": "EXIT_1",
         }
     )
-    assert run.code == 0, run.stderr
-    assert "finished" in run.lines
+    assert run.code == 1, run.stderr
+    assert run.stderr.count("reclaiming memory gave back") == 1
     assert "back under every limit, no restart" in run.stderr
+    assert run.numbers("call") == [1, 2]
