@@ -43,10 +43,10 @@ def decide(
     """Return the decision that ends this process, or ``None`` to keep running."""
     tracker = guard.tracker
     rules = active_rules(guard, snapshot, logger)
+    if guard.settings.metric != "rss" and snapshot.rss is not None:
+        snapshot = _in_metric(guard, rules, snapshot)
     report(guard, rules, snapshot, logger)
     trips = _trips(rules, snapshot)
-    if trips and any(trip.memory for trip in trips) and guard.settings.metric != "rss":
-        snapshot, trips = _recheck_metric(guard, rules, snapshot, trips)
     if trips and any(trip.memory for trip in trips) and guard.settings.reclaim:
         snapshot, trips = _reclaim(guard, rules, snapshot, trips, logger)
     if not trips:
@@ -80,6 +80,7 @@ def active_rules(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> tu
             # Parsers import and cache lazily on their first tasks: measure growth
             # from the footprint they settle at, not from before their first task.
             tracker.baseline = snapshot.rss
+            tracker.metric_baseline = tracker.read_metric()
             tracker.baseline_tasks = snapshot.tasks
             tracker.baseline_uptime = snapshot.uptime
             logger.info(
@@ -128,38 +129,57 @@ def report(
 #: Seconds that one USS or PSS read may cost per task on average: about the cost
 #: of the RSS read, so that the metric at most doubles the memory path.
 METRIC_BUDGET_PER_TASK = 2e-6
+#: Seconds between two USS or PSS reads at most, while guarded calls go on.
+METRIC_MAX_INTERVAL = 10.0
 
 
-def _recheck_metric(
-    guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot, trips: tuple[Trip, ...]
-) -> tuple[Snapshot, tuple[Trip, ...]]:
-    """Check the memory rules again in USS or PSS, once the cheap RSS says they tripped.
+def _in_metric(guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot) -> Snapshot:
+    """Return ``snapshot`` with the RSS and baseline replaced by the USS or PSS.
 
     A USS or PSS read walks every page of the process (about 1 ms per 80 MiB), so
-    after a read that found the process under its limits the next one waits for
-    enough tasks to spread its cost to about 2 microseconds a task.
+    it runs only when it can change the answer. Private memory that grows shows
+    in the RSS too: the figure is read again once the RSS has grown since the last
+    read by the headroom the last read left. Memory that turns private without
+    growing the RSS (copy-on-write pages after a fork) shows only in a new read, so
+    one also comes after enough tasks to spread its cost to about 2 µs a task, and
+    at least every 10 seconds.
     """
     tracker = guard.tracker
     baseline = tracker.metric_baseline
-    if snapshot.tasks < tracker.metric_next_tasks or baseline is None:
-        # Not re-read yet: the memory rules keep waiting for the next read.
-        return snapshot, tuple(trip for trip in trips if not trip.memory)
-    started = time.monotonic()
-    current = tracker.read_metric()
-    took = time.monotonic() - started
-    if current is None:
-        return snapshot, trips
-    metric = dataclasses.replace(
-        snapshot, rss=current, baseline=baseline, metric=guard.settings.metric
+    if baseline is None:
+        return snapshot
+    now = time.monotonic()
+    last = tracker.last_metric
+    due = (
+        last is None
+        or snapshot.tasks >= tracker.metric_next_tasks
+        or now >= tracker.metric_next_time
+        or (snapshot.rss is not None and snapshot.rss >= metric_gate(guard, rules))
     )
-    # The rules keep their order, so the first that trips still decides.
-    rechecked = tuple(
-        trip for rule in rules if (trip := rule.check(metric if rule.needs_memory else snapshot))
+    if due:
+        started = time.monotonic()
+        value = tracker.read_metric()
+        took = time.monotonic() - started
+        if value is not None:
+            tracker.last_metric = value
+            tracker.metric_rss = snapshot.rss
+        tracker.metric_next_tasks = snapshot.tasks + int(took / METRIC_BUDGET_PER_TASK) + 1
+        tracker.metric_next_time = now + METRIC_MAX_INTERVAL
+    if tracker.last_metric is None:
+        return snapshot
+    return dataclasses.replace(
+        snapshot, rss=tracker.last_metric, baseline=baseline, metric=guard.settings.metric
     )
-    if any(trip.memory for trip in rechecked):
-        return metric, rechecked
-    tracker.metric_next_tasks = snapshot.tasks + int(took / METRIC_BUDGET_PER_TASK) + 1
-    return snapshot, rechecked
+
+
+def metric_gate(guard: Guard, rules: tuple[Rule, ...]) -> float:
+    """Return the RSS at which the USS or PSS may have reached a memory rule's limit."""
+    tracker = guard.tracker
+    last, base, at_rss = tracker.last_metric, tracker.metric_baseline, tracker.metric_rss
+    if last is None or base is None or at_rss is None:
+        return 0.0
+    lefts = [left for rule in rules if (left := headroom(rule, last, base)) is not None]
+    return at_rss + min(lefts) if lefts else math.inf
 
 
 def _reclaim(
@@ -181,6 +201,9 @@ def _reclaim(
     after = tracker.reader.read() if snapshot.metric == "rss" else tracker.read_metric()
     if after is None:
         return snapshot, trips
+    if snapshot.metric != "rss":
+        tracker.last_metric = after
+        tracker.metric_rss = tracker.reader.read()
     freed = max(snapshot.rss - after, 0)
     reclaimer.reclaimed += freed
     snapshot = dataclasses.replace(snapshot, rss=after)
@@ -244,6 +267,15 @@ def _reached_at_start(rule: Rule, snapshot: Snapshot) -> bool:
 FULL_CHECK_EVERY = 256
 
 
+def _rss_threshold(rule: Rule, baseline: int | None) -> float:
+    # The tracker's baseline, which a warm-up may have taken during this check;
+    # without one the memory rules are inactive.
+    if baseline is None:
+        return math.inf
+    left = headroom(rule, baseline, baseline)
+    return math.inf if left is None else baseline + left
+
+
 def set_thresholds(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> None:
     """Set the thresholds below which the hot path skips the full check.
 
@@ -266,6 +298,7 @@ def set_thresholds(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> 
     deadline = math.inf
     rss_limit = math.inf
     started_at = tracker.started_at
+    metric = guard.settings.metric != "rss" and tracker.metric_baseline is not None
     for rule in rules:
         if isinstance(rule, MaxTasks):
             next_tasks = min(next_tasks, int(rule.limit))
@@ -273,15 +306,13 @@ def set_thresholds(guard: Guard, snapshot: Snapshot, logger: logging.Logger) -> 
             if started_at is None:
                 return
             deadline = min(deadline, started_at + rule.limit)
+        elif isinstance(rule, (ExtraMemory, ExtraPercent, MaxRss)) and metric:
+            # The USS or PSS is read again by the schedule and gate of _in_metric.
+            next_tasks = min(next_tasks, tracker.metric_next_tasks)
+            deadline = min(deadline, tracker.metric_next_time)
+            rss_limit = min(rss_limit, metric_gate(guard, rules))
         elif isinstance(rule, (ExtraMemory, ExtraPercent, MaxRss)):
-            # The tracker's baseline: a warm-up may have taken it during this check.
-            baseline = tracker.baseline
-            if baseline is None:
-                continue
-            left = headroom(rule, baseline, baseline)
-            if left is None:
-                return
-            rss_limit = min(rss_limit, baseline + left)
+            rss_limit = min(rss_limit, _rss_threshold(rule, tracker.baseline))
         else:
             # A rule the thresholds cannot express is checked after every task.
             return

@@ -259,6 +259,10 @@ def guard_of(function: Callable[..., Any]) -> Guard:
     :raises TypeError: when ``function`` is not guarded (or its guard is disabled)
     """
     guard = getattr(function, "_self_guard", None)
+    if guard is None:
+        # A method reached through an instance or its class is wrapt's bound
+        # wrapper, whose parent is the GuardedFunction.
+        guard = getattr(getattr(function, "_self_parent", None), "_self_guard", None)
     if not isinstance(guard, Guard):
         raise TypeError(f"{function!r} is not guarded by restart_when")
     return guard

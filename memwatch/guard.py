@@ -292,9 +292,15 @@ class Guard:
     def stats(self) -> Stats:
         """Return this guard's figures in this process."""
         tracker = self.tracker
-        # The hot path reads the RSS without keeping it, so read it afresh.
-        rss = tracker.reader.read() if self.read_memory else tracker.last_rss
-        baseline = tracker.baseline
+        # The hot path reads the RSS without keeping it, so read it afresh; with
+        # metric=uss or pss, the figures are the last USS or PSS read.
+        rss: int | None
+        baseline: int | None
+        if self.settings.metric != "rss" and tracker.metric_baseline is not None:
+            rss, baseline = tracker.last_metric, tracker.metric_baseline
+        else:
+            rss = tracker.reader.read() if self.read_memory else tracker.last_rss
+            baseline = tracker.baseline
         snapshot = tracker.snapshot(False)
         hours = (snapshot.uptime - tracker.baseline_uptime) / 3600
         per_task, per_hour = rates(rss, baseline, tracker.tasks - tracker.baseline_tasks, hours)

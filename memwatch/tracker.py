@@ -85,8 +85,12 @@ class Tracker:
         self.storm: bool | None = None
         #: The baseline in the configured metric (USS or PSS), taken with the RSS one.
         self.metric_baseline: int | None = None
-        #: The task count before which the USS or PSS is not read again.
+        #: The last USS or PSS read, and the RSS at that moment.
+        self.last_metric: int | None = None
+        self.metric_rss: int | None = None
+        #: The task count and the time at which the USS or PSS is read again.
         self.metric_next_tasks = 0
+        self.metric_next_time = 0.0
         #: Restarts put off because the fleet's restart slots were taken.
         self.deferrals = 0
         #: The fleet's restart slots and the restart deferred until one is free.

@@ -9,7 +9,7 @@ import logging
 import pytest
 from pytest_mock import MockerFixture
 
-from memwatch import Decision, RestartBehavior, restart_when
+from memwatch import Decision, RestartBehavior, restart_when, stats
 from memwatch.decorator import guard_of
 from memwatch.memory import RssReader
 
@@ -252,3 +252,15 @@ def test_bound_method_and_builtin_can_be_guarded() -> None:
     assert guarded_parse("abc") == 3
     assert guarded_len([1, 2]) == 2
     assert guard_of(guarded_len).tracker.tasks == 1
+
+
+def test_stats_of_method_through_instance() -> None:
+    class Service:
+        @restart_when(max_tasks=100)
+        def process(self) -> None:
+            pass
+
+    service = Service()
+    service.process()
+    assert stats(service.process).tasks == 1
+    assert stats(Service.process).tasks == 1

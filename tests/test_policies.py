@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 from tests.test_workers import MIB, run_worker
 
@@ -191,3 +193,58 @@ def test_trip_within_reclaim_budget_restarts() -> None:
     assert run.stderr.count("reclaiming memory gave back") == 1
     assert "back under every limit, no restart" in run.stderr
     assert run.numbers("call") == [1, 2]
+
+
+def test_uss_metric_trips_on_leak_beside_shared_memory() -> None:
+    # 80 MiB shared with another process keep the RSS over the limit from the
+    # first call; the private leak must still trip when it reaches the limit.
+    run = run_worker(
+        {
+            "rules": {"extra_mb": 30},
+            "shared_mib": 80,
+            "leak_mib": 8,
+            "calls": 10,
+            # The first call forks the process that shares the pages, which makes
+            # the parent's older pages shared too: the baseline comes after it.
+            "options": {"reclaim": False, "metric": "uss", "warmup": 1},
+            "behavior": "EXIT_1",
+        }
+    )
+    assert run.code == 1, run.stderr
+    # 8 MiB a call after the baseline: 32 MiB after call 5.
+    assert run.numbers("call") == [1, 2, 3, 4, 5]
+
+
+COPY_ON_WRITE = """
+import os, sys
+from memwatch import RestartBehavior, restart_when
+
+MIB = 1024 * 1024
+inherited = bytearray(b"\\x01") * (200 * MIB)
+child = os.fork()
+if child:
+    _, status = os.waitpid(child, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+
+@restart_when(extra_mb=100, metric=sys.argv[1], reclaim=False, behavior=RestartBehavior.EXIT_1)
+def task(number):
+    if number < 20:
+        # Writing inherited pages makes them private without growing the RSS.
+        inherited[number * 10 * MIB:(number + 1) * 10 * MIB] = b"\\x02" * (10 * MIB)
+
+for number in range(100_000):
+    task(number)
+print("finished", flush=True)
+"""
+
+
+def test_uss_metric_sees_copy_on_write_growth() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", COPY_ON_WRITE, "uss"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert "finished" not in completed.stdout
