@@ -102,7 +102,8 @@ def restart_when(
         (default 5)
     :param metric: the memory figure the memory rules compare: ``"rss"`` (default),
         ``"uss"`` (private memory) or ``"pss"`` (private plus a share of shared pages),
-        read only when the RSS says a limit may be reached
+        read again when the RSS has grown by the headroom of the last read, and on a
+        schedule that keeps its cost near the RSS read's
     :param exit_timeout: seconds the process may take to end after memwatch raised
         ``SystemExit``; then it is ended with ``os._exit``; 0 waits forever (default 30)
     :param max_concurrent_restarts: karton services only: at most this many replicas
@@ -277,8 +278,8 @@ def _sync_wrapper(guard: Guard) -> Callable[..., Any]:
     def wrapper(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        # The hot path: no other call in flight, and thresholds that say no rule can
-        # trip before them (see checker.set_thresholds). Everything else, and every
+        # The hot path: no other call in flight, and thresholds below which no rule
+        # can trip (see checker.set_thresholds). Everything else, and every
         # call that reaches a threshold, takes the guard's full path. Its steps are
         # written out here because each method call costs as much as the check.
         if not tracker.fast or tracker.flight:
@@ -308,7 +309,7 @@ def _sync_wrapper(guard: Guard) -> Callable[..., Any]:
 
 def _async_wrapper(guard: Guard) -> Callable[..., Any]:
     # Only the outermost call is a task, as in Guard.call; a coroutine's context
-    # tells nested calls apart from concurrent ones.
+    # distinguishes nested calls from concurrent ones.
     depth: ContextVar[bool] = ContextVar(f"memwatch-{guard.name}", default=False)
 
     async def wrapper(

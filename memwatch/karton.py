@@ -165,8 +165,8 @@ class AsyncGate(_Gate):
             self.in_flight -= 1
 
     async def _consume_routed_task(self, *args: Any, **kwargs: Any) -> Any:
-        for each in self._guards:
-            each.log_start(self._service, _where(self._service))
+        for guard in self._guards:
+            guard.log_start(self._service, _where(self._service))
         pending = self._pending() if self.in_flight == 0 else self._decided()
         if pending is not None:
             while self.in_flight > 0:

@@ -7,7 +7,7 @@ non-inheritable, so Redis and S3 connections close at the exec. Descriptors a
 program made inheritable on purpose stay open in the new image.
 
 Each generation learns its number and why the previous one ended from two
-environment variables, so that it can say so in its first log line.
+environment variables, so that its first log line can report both.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .behavior import exit_process, flush_logs
 
 #: The number of this process image: 1 for the first, one more after each re-exec.
 GENERATION_VARIABLE = "_MEMWATCH_GENERATION"
-#: Why the previous image ended, as its decision line described it.
+#: The previous image's decision line: the reason it ended.
 PREVIOUS_VARIABLE = "_MEMWATCH_PREVIOUS_DECISION"
 #: The exit status when re-executing is impossible, so that a supervisor still restarts.
 FALLBACK_EXIT_CODE = 1
