@@ -16,15 +16,13 @@ Elsewhere the reader asks psutil's ``memory_full_info()``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import psutil
 
-from .memory import reopen_after_fork
+from .memory import HeldProcFile
 
 _SMAPS_ROLLUP_PATH = "/proc/self/smaps_rollup"
 # smaps_rollup has about 25 lines (under 1 KiB with Linux 6.x).
@@ -77,7 +75,7 @@ def parse_smaps_rollup(data: bytes) -> Footprint:
     )
 
 
-class FootprintReader:
+class FootprintReader(HeldProcFile):
     """Reader of this process's RSS, PSS and USS.
 
     :param path: the smaps_rollup file; tests pass another to exercise the fallback.
@@ -87,32 +85,7 @@ class FootprintReader:
     """
 
     def __init__(self, path: str = _SMAPS_ROLLUP_PATH) -> None:
-        self._path = path
-        self._fd: int | None = None
-        self._process: psutil.Process | None = None
-        self._lock = threading.Lock()
-        #: Why the last read failed, or ``None`` after a successful read.
-        self.failure: str | None = None
-        self._open()
-        reopen_after_fork(self)
-
-    def _open(self) -> None:
-        # /proc/self resolves to this PID when opened, so a forked child must open it again.
-        self._fd = None
-        self._process = None
-        try:
-            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            _logger.debug("memwatch: opening %s failed (%r), using psutil", self._path, exc)
-
-    def reopen(self) -> None:
-        """Open the sources again for the current process (called in a forked child)."""
-        self._lock = threading.Lock()
-        old_fd = self._fd
-        self._open()
-        if old_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(old_fd)
+        super().__init__(path)
 
     def read(self) -> Footprint | None:
         """Return this process's footprint, or ``None`` when it cannot be read."""
@@ -143,10 +116,7 @@ class FootprintReader:
 
     def _read_psutil(self) -> Footprint | None:
         try:
-            with self._lock:
-                if self._process is None:
-                    self._process = psutil.Process()
-                process = self._process
+            process = self._psutil_process()
             # On Linux psutil 7 reads smaps_rollup, or the slower smaps before Linux 4.14.
             info = process.memory_full_info()
         except (psutil.Error, OSError) as exc:
@@ -167,13 +137,6 @@ class FootprintReader:
             swap=None if swap is None else int(swap),
             source="psutil",
         )
-
-    def close(self) -> None:
-        """Close the held file. Later reads use psutil."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 _default_reader: FootprintReader | None = None

@@ -31,15 +31,15 @@ def _page_size() -> int:
         return 4096
 
 
-class RssReader:
-    """Reader of this process's RSS in bytes.
+class HeldProcFile:
+    """Base of the readers that keep one ``/proc/self`` file open and fall back to psutil.
 
-    ``read()`` never raises: when no source works it returns ``None`` and the
-    reason is kept in :attr:`failure`, so that count and time rules keep working.
+    ``read()`` of a subclass never raises: when no source works it returns ``None``
+    and the reason is kept in :attr:`failure`.
     """
 
-    def __init__(self) -> None:
-        self._page_size = _page_size()
+    def __init__(self, path: str) -> None:
+        self._path = path
         self._fd: int | None = None
         self._process: psutil.Process | None = None
         self._lock = threading.Lock()
@@ -53,9 +53,9 @@ class RssReader:
         self._fd = None
         self._process = None
         try:
-            self._fd = os.open(_STATM_PATH, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = None
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            _logger.debug("memwatch: opening %s failed (%r), using psutil", self._path, exc)
 
     def reopen(self) -> None:
         """Open the sources again for the current process (called in a forked child)."""
@@ -66,6 +66,29 @@ class RssReader:
             with contextlib.suppress(OSError):
                 os.close(old_fd)
 
+    def close(self) -> None:
+        """Close the held file. Later reads use psutil."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _psutil_process(self) -> psutil.Process:
+        """Return this process's psutil handle, created once; may raise psutil.Error."""
+        with self._lock:
+            if self._process is None:
+                self._process = psutil.Process()
+            return self._process
+
+
+class RssReader(HeldProcFile):
+    """Reader of this process's RSS in bytes, so that count and time rules keep
+    working when memory cannot be read."""
+
+    def __init__(self) -> None:
+        self._page_size = _page_size()
+        super().__init__(_STATM_PATH)
+
     def read(self) -> int | None:
         """Return the RSS in bytes, or ``None`` when it cannot be read."""
         fd = self._fd
@@ -74,7 +97,7 @@ class RssReader:
                 # statm fields are in pages: size, resident, shared, text, lib, data, dt.
                 return int(os.pread(fd, 128, 0).split(None, 2)[1]) * self._page_size
             except (OSError, ValueError, IndexError) as exc:
-                self._fd = None
+                self.close()
                 self.failure = f"reading {_STATM_PATH} failed: {exc!r}"
                 _logger.debug("memwatch: %s, falling back to psutil", self.failure)
         return self._read_psutil()
@@ -96,11 +119,7 @@ class RssReader:
 
     def _read_psutil(self) -> int | None:
         try:
-            with self._lock:
-                if self._process is None:
-                    self._process = psutil.Process()
-                process = self._process
-            rss = int(process.memory_info().rss)
+            rss = int(self._psutil_process().memory_info().rss)
         except (psutil.Error, OSError) as exc:
             self.failure = f"psutil could not read the RSS: {exc!r}"
             return None
