@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import time
 from pathlib import Path
@@ -13,28 +12,10 @@ from karton.core.task import TaskState
 
 from demo import leaky_consumer, pipeline
 from demo.stack import KartonStack
-from demo.supervisor import RestartDecision, RestartLoop
+from demo.supervisor import RestartDecision
+from tests.stack_runs import restart_loop, run_pipeline
 
 pytestmark = pytest.mark.stack
-
-DEADLINE = 90.0
-
-
-def restart_loop(
-    stack: KartonStack,
-    identity: str,
-    logs: Path,
-    env: dict[str, str] | None = None,
-    **consumer: object,
-) -> RestartLoop:
-    argv = leaky_consumer.command(identity=identity, rss_log=logs / "rss.jsonl", **consumer)  # type: ignore[arg-type]
-    return RestartLoop(
-        argv,
-        logs,
-        env={**leaky_consumer.child_env(stack.env), **(env or {})},
-        cwd=stack.workdir,
-        wake=functools.partial(stack.unblock_clients, identity),
-    )
 
 
 def test_async_consumer_drains_tasks_in_flight(
@@ -44,10 +25,13 @@ def test_async_consumer_drains_tasks_in_flight(
     worker_logs: Path,
 ) -> None:
     sent = 400
-    loop = restart_loop(
+    states, generations, _ = run_pipeline(
         karton_stack,
+        karton_backend,
         consumer_identity,
         worker_logs,
+        sent,
+        resource_size=256,
         mode="async",
         leak_kib=256,
         extra_mb=None,
@@ -56,13 +40,6 @@ def test_async_consumer_drains_tasks_in_flight(
         concurrency=4,
         exit_code=1,
     )
-    with loop:
-        pipeline.wait_for_binds(karton_backend, consumer_identity, DEADLINE)
-        task_uids = pipeline.send_tasks(karton_stack.config(), sent, 256)
-        states = pipeline.wait_until_done(
-            karton_backend, consumer_identity, sent, DEADLINE, task_uids
-        )
-    generations = loop.generations
 
     assert pipeline.count_lost(sent, states) == 0
     assert states[TaskState.FINISHED] == sent
@@ -109,22 +86,18 @@ def test_karton_env_overrides_decorator(
     worker_logs: Path,
 ) -> None:
     sent = 40
-    loop = restart_loop(
+    states, generations, _ = run_pipeline(
         karton_stack,
+        karton_backend,
         consumer_identity,
         worker_logs,
+        sent,
         env={"KARTON_MEMWATCH_MAX_TASKS": "10", "KARTON_MEMWATCH_BEHAVIOR": "exit_1"},
+        resource_size=64,
         mode="decorator",
         leak_kib=0,
         extra_mb=10_000,
     )
-    with loop:
-        pipeline.wait_for_binds(karton_backend, consumer_identity, DEADLINE)
-        task_uids = pipeline.send_tasks(karton_stack.config(), sent, 64)
-        states = pipeline.wait_until_done(
-            karton_backend, consumer_identity, sent, DEADLINE, task_uids
-        )
-    generations = loop.generations
 
     assert states[TaskState.FINISHED] == sent
     assert len(generations) >= 4
@@ -146,22 +119,18 @@ def test_karton_ini_section_overrides(
     ini = tmp_path / "memwatch.ini"
     ini.write_text("[memwatch]\nmax_tasks = 6\nextra_mb = off\n", encoding="utf-8")
     sent = 18
-    loop = restart_loop(
+    states, generations, _ = run_pipeline(
         karton_stack,
+        karton_backend,
         consumer_identity,
         worker_logs,
+        sent,
         env={"KARTON_CONFIG_FILE": str(ini)},
+        resource_size=64,
         mode="implant",
         leak_kib=0,
         extra_mb=10_000,
     )
-    with loop:
-        pipeline.wait_for_binds(karton_backend, consumer_identity, DEADLINE)
-        task_uids = pipeline.send_tasks(karton_stack.config(), sent, 64)
-        states = pipeline.wait_until_done(
-            karton_backend, consumer_identity, sent, DEADLINE, task_uids
-        )
-    generations = loop.generations
 
     assert states[TaskState.FINISHED] == sent
     assert len(generations) >= 3

@@ -7,8 +7,6 @@ like systemd ``Restart=always``.
 
 from __future__ import annotations
 
-import functools
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -16,42 +14,13 @@ import pytest
 from karton.core.backend import KartonBackend
 from karton.core.task import TaskState
 
-from demo import leaky_consumer, pipeline
+from demo import pipeline
 from demo.report import read_rss_log
 from demo.stack import KartonStack
-from demo.supervisor import Generation, RestartDecision, RestartLoop
+from demo.supervisor import Generation, RestartDecision
+from tests.stack_runs import run_pipeline
 
 pytestmark = pytest.mark.stack
-
-#: Seconds to wait for a consumer to register or for all tasks to end.
-DEADLINE = 90.0
-
-
-def run_pipeline(
-    stack: KartonStack,
-    backend: KartonBackend,
-    identity: str,
-    logs: Path,
-    sent: int,
-    **consumer: object,
-) -> tuple[Counter[TaskState], list[Generation], list[str]]:
-    """Run the leaky consumer under a restart loop, send ``sent`` tasks, wait for all.
-
-    :return: the routed copies' states, the worker generations and the task UIDs
-    """
-    argv = leaky_consumer.command(identity=identity, rss_log=logs / "rss.jsonl", **consumer)  # type: ignore[arg-type]
-    loop = RestartLoop(
-        argv,
-        logs,
-        env=leaky_consumer.child_env(stack.env),
-        cwd=stack.workdir,
-        wake=functools.partial(stack.unblock_clients, identity),
-    )
-    with loop:
-        pipeline.wait_for_binds(backend, identity, DEADLINE)
-        task_uids = pipeline.send_tasks(stack.config(), sent, 512)
-        states = pipeline.wait_until_done(backend, identity, sent, DEADLINE, task_uids)
-    return states, loop.generations, task_uids
 
 
 def assert_restarted_by_rule(generations: list[Generation], rule: str, code: int) -> None:
