@@ -35,7 +35,6 @@ from pathlib import Path
 
 from karton.core.backend import KartonBackend
 
-from benchmarks import plain_consumer
 from benchmarks.stats import Summary, summarize
 from benchmarks.subjects import NEVER
 from demo import leaky_consumer, pipeline
@@ -109,7 +108,9 @@ class StackResult:
 def consumer_command(variant: str, identity: str, rss_log: Path, restart_every: int) -> list[str]:
     """Return the command line of the ``unguarded`` or ``guarded`` consumer."""
     if variant == "unguarded":
-        return plain_consumer.command_line(sys.executable, identity, rss_log)
+        return leaky_consumer.command(
+            mode="plain", identity=identity, leak_kib=0, extra_mb=None, rss_log=rss_log
+        )
     return leaky_consumer.command(
         mode="decorator",
         identity=identity,

@@ -173,11 +173,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=["decorator", "implant", "async"],
+        choices=["decorator", "implant", "async", "plain"],
         required=True,
         help=(
-            "guard process() with @restart_when, use implant_watcher(), or run an "
-            "async consumer (karton.core.asyncio) whose async process() is guarded"
+            "guard process() with @restart_when, use implant_watcher(), run an "
+            "async consumer (karton.core.asyncio) whose async process() is guarded, "
+            "or run the consumer unguarded (plain), as a reference for benchmarks"
         ),
     )
     parser.add_argument(
@@ -251,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     consumer: LeakyConsumer
-    if args.mode == "decorator":
+    if args.mode == "plain":
+        consumer = LeakyConsumer(args.identity, args.leak_kib, args.rss_log, args.crash_every)
+    elif args.mode == "decorator":
         consumer_class = guarded_by_decorator(
             args.extra_mb, behavior, args.max_tasks, args.max_seconds
         )
