@@ -1,7 +1,7 @@
 """Restart downtime on the real karton stack: re-exec in place against exit and restart.
 
 Downtime is measured from memwatch's decision line to the new worker's "Binding on"
-line, the last line karton logs before its loop asks Redis for the next task. Both
+line, the last line karton logs before its loop requests the next task from Redis. Both
 come from the consumer's own log, so both ends are on the same clock.
 """
 

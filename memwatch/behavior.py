@@ -1,4 +1,4 @@
-"""What happens when a rule trips: the decision, the before-exit callbacks and the exit itself."""
+"""The decision of a tripped rule, the before-exit callbacks and the exit itself."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .rules import Snapshot, Trip
 
 
 class RestartBehavior(enum.Enum):
-    """What memwatch does once a rule has tripped and the task has finished.
+    """The action memwatch takes once a rule has tripped and the task has finished.
 
     ``EXIT_0`` and ``EXIT_1`` keep karton-memory-watcher's names and values.
     """
@@ -220,9 +220,9 @@ def exit_process(code: int, logger: logging.Logger, grace: float = 0.0) -> NoRet
     ``SystemExit`` would end only that thread, so the logs are flushed and the
     process ends with :func:`os._exit`.
 
-    :param grace: seconds the process may still run after the ``SystemExit``
-        (``finally`` blocks, other threads); past that, something swallowed the
-        exit and the process ends with :func:`os._exit`. 0 waits forever.
+    :param grace: seconds the process may still run after the ``SystemExit``, for
+        ``finally`` blocks and other threads. Past that, something swallowed the
+        exit, so the process ends with :func:`os._exit`. 0 waits forever.
     """
     if threading.current_thread() is threading.main_thread():
         if grace > 0:

@@ -137,7 +137,7 @@ def _in_metric(guard: Guard, rules: tuple[Rule, ...], snapshot: Snapshot) -> Sna
     """Return ``snapshot`` with the RSS and baseline replaced by the USS or PSS.
 
     A USS or PSS read walks every page of the process (about 1 ms per 80 MiB), so
-    it runs only when it can change the answer. Private memory that grows shows
+    it runs only when it can change the decision. Private memory that grows shows
     in the RSS too: the figure is read again once the RSS has grown since the last
     read by the headroom the last read left. Memory that turns private without
     growing the RSS (copy-on-write pages after a fork) shows only in a new read, so

@@ -1,11 +1,13 @@
 """karton-memory-watcher 1.0.2's API on top of memwatch's guard.
 
 Code written for that package works after changing its import line to
-``memwatch``. Four things are done right instead of as before: memory is compared
-in bytes (the original truncated it to whole MB), time is measured on the
-monotonic clock (the original used the wall clock), decisions are logged (the
-original printed them), and a ``call_before_exit`` callback that raises no
-longer keeps the process from exiting.
+``memwatch``. Four things are done right instead of as before:
+
+* memory is compared in bytes, where the original truncated it to whole MB;
+* time is measured on the monotonic clock, not the wall clock;
+* decisions are logged, not printed;
+* a ``call_before_exit`` callback that raises no longer keeps the process from
+  exiting.
 """
 
 from __future__ import annotations

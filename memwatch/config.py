@@ -265,7 +265,7 @@ def from_karton(config: object, environ: Mapping[str, str]) -> dict[str, Any]:
     """Return the options of a karton ``Config``'s ``[memwatch]`` section.
 
     karton merges ``KARTON_MEMWATCH_<OPTION>`` variables into that section, so
-    both sources are read here; ``environ`` only tells which one set a value.
+    both sources are read here; ``environ`` only shows which one set a value.
     """
     # karton's Config has no public way to list a section's options.
     sections = getattr(config, "_config", None)
@@ -308,7 +308,7 @@ DEFAULT_RESTART_LEASE_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Settings:
-    """What a guard enforces: the limits, the behaviour and the switches."""
+    """The limits, the behaviour and the switches that a guard enforces."""
 
     #: Limit by rule name (see :data:`memwatch.rules.RULE_TYPES`); ``None`` is unset.
     limits: Mapping[str, object]

@@ -101,9 +101,9 @@ def restart_when(
     :param before_exit_timeout: seconds the before-exit callbacks may take in all
         (default 5)
     :param metric: the memory figure the memory rules compare: ``"rss"`` (default),
-        ``"uss"`` (private memory) or ``"pss"`` (private plus a share of shared pages),
-        read again when the RSS has grown by the headroom of the last read, and on a
-        schedule that keeps its cost near the RSS read's
+        ``"uss"`` (private memory) or ``"pss"`` (private plus a share of shared pages).
+        USS and PSS are read again when the RSS has grown by the headroom of the last
+        read, and on a schedule that keeps their cost near the RSS read's.
     :param exit_timeout: seconds the process may take to end after memwatch raised
         ``SystemExit``; then it is ended with ``os._exit``; 0 waits forever (default 30)
     :param max_concurrent_restarts: karton services only: at most this many replicas

@@ -172,7 +172,11 @@ class Guard:
             self.logger_for(instance).exception("memwatch: preparing the guard failed")
 
     def after_call(self, instance: object, raised: bool, marker: object) -> None:
-        """Record the call's end and check the rules; never raises."""
+        """Record the call's end and check the rules.
+
+        An ``Exception`` inside memwatch is logged, not raised, so the task never fails
+        because of the guard.
+        """
         if not self.enabled:
             return
         try:
@@ -199,7 +203,7 @@ class Guard:
         return False
 
     def check_after_fast_call(self, instance: object, tasks: int, raised: bool = False) -> None:
-        """Check the rules after a call that the hot path ran and counted; never raises."""
+        """Check the rules after a call the hot path ran and counted; an ``Exception`` is logged."""
         try:
             if raised and not self.may_trip(tasks):
                 return

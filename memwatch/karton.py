@@ -133,8 +133,8 @@ class AsyncGate(_Gate):
     The consumer's ``_loop`` takes each task with ``backend.consume_routed_task``
     and runs it with ``internal_process``, which records the task's final state
     and releases the concurrency semaphore in its ``finally`` block. The gate
-    counts the tasks from their creation to the end of ``internal_process``;
-    once a rule tripped, the next intake waits for that count to reach zero and
+    counts the tasks from their creation to the end of ``internal_process``.
+    Once a rule tripped, the next intake waits for that count to reach zero and
     exits instead of taking a task. karton's own SIGTERM path cancels the tasks
     in flight (they end Crashed); this one lets them finish.
     """
@@ -231,7 +231,7 @@ def start_service(service: object, guard: Guard) -> None:
     effective rules, starts the clock of ``max_seconds`` and installs the gate,
     so that the idle checks run before the first task arrives.
 
-    :raises ValueError: when the config holds an unknown option or a bad value
+    :raises ValueError: when the config contains an unknown option or a bad value
     """
     karton_config = getattr(service, "config", None)
     if karton_config is not None:

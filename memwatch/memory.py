@@ -2,7 +2,7 @@
 
 On Linux the reader keeps ``/proc/self/statm`` open and reads it with one
 ``pread`` per call, which costs a single system call and no allocation of file
-objects. Elsewhere, or when ``/proc`` cannot be read, it asks psutil.
+objects. Elsewhere, or when ``/proc`` cannot be read, it uses psutil.
 """
 
 from __future__ import annotations

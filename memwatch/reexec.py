@@ -31,7 +31,7 @@ def _start_directory() -> str:
     """Return the folder the program most likely started in.
 
     ``python -m`` puts that folder, made absolute, first on ``sys.path``. For a
-    script only the folder at memwatch's import is known; the script's own path
+    script only the folder at memwatch's import is known. The script's own path
     is made absolute in :func:`command_line`, so the re-run finds it anyway.
     """
     argv = getattr(sys, "orig_argv", None) or []

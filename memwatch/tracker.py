@@ -81,7 +81,7 @@ class Tracker:
         #: The last RSS read, for the stats.
         self.last_rss: int | None = None
         self.reclaimer = Reclaimer()
-        #: Whether a ceiling is below the start-up footprint, once the first check told.
+        #: Whether a ceiling is below the start-up footprint, as the first check found it.
         self.storm: bool | None = None
         #: The baseline in the configured metric (USS or PSS), taken with the RSS one.
         self.metric_baseline: int | None = None

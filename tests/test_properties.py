@@ -38,7 +38,7 @@ reading = st.tuples(
 def reference(
     limits: dict[str, float], snapshot: Snapshot, minimum: float, storm: bool
 ) -> list[str]:
-    """Return the names of the rules that trip, in order, as plain arithmetic says."""
+    """Return the names of the rules that trip, in order, by plain arithmetic."""
     tripped = []
     rss, baseline = snapshot.rss, snapshot.baseline
     assert rss is not None
